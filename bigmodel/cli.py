@@ -1,0 +1,73 @@
+"""`bigmodel <stage>`: validate params first, then run one stage. User errors → one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+from bigmodel.errors import BigModelError, TransientError
+
+# stage name → module whose `run(params, **kwargs)` does the work
+STAGES = {
+    "prepare": "bigmodel.data.prepare",
+    "tokenizer": "bigmodel.tokenizer",
+    "tokenize": "bigmodel.tokenize",
+    "pretrain": "bigmodel.train.pretrain",
+    "finetune": "bigmodel.train.finetune",
+    "evaluate": "bigmodel.evaluate",
+    "explain": "bigmodel.explain",
+}
+EXIT_USER_ERROR = 2
+EXIT_TRANSIENT = 75  # EX_TEMPFAIL: the flow retries only these
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bigmodel", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name in [*STAGES, "check"]:
+        help_ = "validate params.yaml and exit" if name == "check" else f"run the {name} stage"
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
+            help="override one param (repeatable); value parsed as YAML",
+        )
+        if name == "pretrain":
+            p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from bigmodel import config
+
+        params = config.load(args.params, args.overrides)
+        if args.command == "check":
+            print(f"{args.params}: ok")
+            return 0
+        module = importlib.import_module(STAGES[args.command])
+        kwargs = {"resume": args.resume} if args.command == "pretrain" else {}
+        start = time.perf_counter()
+        summary = module.run(params, **kwargs)
+        print(f"{args.command}: done in {time.perf_counter() - start:.1f}s  {summary or ''}".rstrip())
+        return 0
+    except TransientError as e:
+        print(f"error (transient): {e}", file=sys.stderr)
+        return EXIT_TRANSIENT
+    except BigModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

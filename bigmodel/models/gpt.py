@@ -1,0 +1,113 @@
+"""GPT: a decoder-only transformer (pre-norm, GELU MLP, learned positions, tied embeddings).
+
+`GPT` is the language model; `GPTClassifier` puts a classification head on the hidden state of
+the last real token (with right padding and causal attention, padding never reaches it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+
+from bigmodel.errors import BigModelError
+from bigmodel.models.layers import Block, ClassificationHead, init_weights
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            Block(cfg.n_embd, cfg.n_head, cfg.dropout, causal=True) for _ in range(cfg.n_layer)
+        )
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        init_weights(self, cfg.n_layer)
+        self.lm_head.weight = self.wte.weight  # weight tying: one matrix for input and output
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.cfg.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)  # (B, T, C)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.lm_head(self.hidden(idx))  # (B, T, vocab)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return logits, loss
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (PaLM appendix B): 6N + 12·L·T·C."""
+        c = self.cfg
+        return 6 * self.num_params() + 12 * c.n_layer * c.block_size * c.n_embd
+
+    def attention_maps(self, keep: bool) -> None:
+        for block in self.blocks:
+            block.attn.keep_maps = keep
+
+
+class GPTClassifier(nn.Module):
+    def __init__(self, gpt: GPT, n_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.gpt = gpt
+        self.head = ClassificationHead(gpt.cfg.n_embd, n_classes, dropout)
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        h = self.gpt.hidden(idx)  # (B, T, C)
+        last = h[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # (B, C)
+        return self.head(last)  # (B, n_classes)
+
+
+def save(model: nn.Module, cfg: GPTConfig, directory: Path, extra: dict | None = None) -> None:
+    """weights → model.safetensors (shared tensors handled), config → config.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(
+        json.dumps({"gpt": asdict(cfg), **(extra or {})}, indent=2, sort_keys=True) + "\n"
+    )
+
+
+def read_config(directory: Path) -> dict:
+    file = directory / "config.json"
+    if not file.is_file():
+        raise BigModelError(f"{file}: model config not found")
+    return json.loads(file.read_text())
+
+
+def load_weights(model: nn.Module, directory: Path, strict: bool = True) -> None:
+    file = directory / "model.safetensors"
+    if not file.is_file():
+        raise BigModelError(f"{file}: model weights not found")
+    missing, unexpected = load_model(model, str(file), strict=strict)
+    if strict and (missing or unexpected):
+        raise BigModelError(f"{file}: weights do not match the model ({missing or unexpected})")

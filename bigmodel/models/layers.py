@@ -1,0 +1,107 @@
+"""Blocks every model is built from: attention (SDPA), MLP, transformer block, norms.
+
+Attention runs through `F.scaled_dot_product_attention`, which picks flash / memory-efficient
+kernels on CUDA and a fused kernel on the CPU. Only when attention maps are asked for (the
+explain stage) does it compute the softmax explicitly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, causal: bool = True):
+        super().__init__()
+        assert n_embd % n_head == 0
+        self.n_head, self.causal, self.dropout = n_head, causal, dropout
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
+        self.proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.resid_drop = nn.Dropout(dropout)
+        self.keep_maps = False  # set True to record `last_map` (B, nh, T, T) on each forward
+        self.last_map: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
+        mask = None
+        if pad_mask is not None:  # (B, T) True = real token; keys that are padding get no weight
+            mask = pad_mask[:, None, None, :]
+            if self.causal:
+                mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        if self.keep_maps:
+            y = self._explicit(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                is_causal=self.causal and mask is None,
+            )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_drop(self.proj(y))
+
+    def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        T = q.size(-2)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, T)
+        if mask is None and self.causal:
+            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            att = att.masked_fill(~mask, float("-inf"))
+        att = att.softmax(dim=-1)
+        self.last_map = att.detach()
+        return att @ v  # (B, nh, T, hs)
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
+        self.proj = nn.Linear(4 * n_embd, n_embd, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, causal: bool = True):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd, bias=False)
+        self.attn = SelfAttention(n_embd, n_head, dropout, causal)
+        self.ln_2 = nn.LayerNorm(n_embd, bias=False)
+        self.mlp = MLP(n_embd, dropout)
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), pad_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+def init_weights(module: nn.Module, n_layer: int) -> None:
+    """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+    for name, p in module.named_parameters():
+        if p.dim() < 2:
+            continue
+        std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
+        nn.init.normal_(p, mean=0.0, std=std)
+
+
+class ClassificationHead(nn.Module):
+    """Pooled hidden state → class logits."""
+
+    def __init__(self, n_embd: int, n_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(n_embd, n_classes)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.out(self.drop(pooled))  # (B, n_classes)
