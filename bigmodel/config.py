@@ -125,6 +125,7 @@ class Pretrain(Optim):
 
 class Finetune(Optim):
     epochs: int = Field(3, ge=1)
+    pooling: Literal["mean", "last"] = "mean"  # how token states become one vector
     max_len: int = Field(128, ge=4)
     batch_size: int = Field(32, ge=1)
     weight_decay: float = Field(0.01, ge=0)

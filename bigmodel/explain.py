@@ -112,10 +112,11 @@ def deletion_scores(clf: TextClassifier, values: shap.Explanation, texts: list[s
     by_shap, at_random, base = [], [], []
     for i, text in enumerate(texts):
         segments = list(values.data[i])
-        v = values.values[i][:, predicted[i]]
-        k = max(1, int(round(DELETE_FRACTION * len(segments))))
-        top = set(np.argsort(-v)[:k].tolist())
-        rand = set(rng.choice(len(segments), size=k, replace=False).tolist())
+        real = np.array([j for j, s in enumerate(segments) if s])  # not the (empty) EOT suffix
+        v = values.values[i][real, predicted[i]]
+        k = max(1, int(round(DELETE_FRACTION * len(real))))
+        top = set(real[np.argsort(-v)[:k]].tolist())
+        rand = set(rng.choice(real, size=k, replace=False).tolist())
         by_shap.append("".join(s for j, s in enumerate(segments) if j not in top))
         at_random.append("".join(s for j, s in enumerate(segments) if j not in rand))
         base.append(text)

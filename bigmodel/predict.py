@@ -37,7 +37,7 @@ class TextClassifier:
     def load(cls, directory: Path) -> "TextClassifier":
         cfg = gpt_lib.read_config(directory)
         gpt = gpt_lib.GPT(gpt_lib.GPTConfig(**cfg["gpt"]))
-        model = gpt_lib.GPTClassifier(gpt, len(cfg["labels"]))
+        model = gpt_lib.GPTClassifier(gpt, len(cfg["labels"]), pooling=cfg["pooling"])
         gpt_lib.load_weights(model, directory)
         model.eval()
         return cls(model, load_tokenizer(directory / "tokenizer.json"), cfg["labels"], cfg["max_len"])

@@ -1,4 +1,5 @@
-"""Everything MLflow: the only module that imports it.
+"""Everything MLflow: the only module that imports it (besides `pyfunc_entry.py`, the script
+MLflow runs to rebuild the logged classifier).
 
 A stage is one MLflow run, nested under the pipeline's parent run when the environment names one
 (`BIGMODEL_PARENT_RUN_ID`, set by the Prefect flow). The default store is a SQLite file at an
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -114,7 +116,7 @@ class StageRun:
 
         info = mlflow.pyfunc.log_model(
             name="classifier",
-            python_model=ClassifierModel(),
+            python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
             artifacts={"model_dir": str(model_dir)},
             code_paths=[str(Path(bigmodel.__file__).parent)],
             input_example=pd.DataFrame({"text": example}),
@@ -144,7 +146,8 @@ def stage_run(stage: str, params: Params, sections: list[str]) -> Iterator[Stage
     parent = os.environ.get(PARENT_ENV) or None
     dumped = params.model_dump(mode="json")
     with mlflow.start_run(
-        run_name=stage, parent_run_id=parent, tags=lineage_tags(params, stage, sections)
+        run_name=stage, parent_run_id=parent, nested=mlflow.active_run() is not None,
+        tags=lineage_tags(params, stage, sections),
     ) as run:
         mlflow.log_params(flatten({s: dumped[s] for s in sections}))
         yield StageRun(run.info.run_id)
@@ -195,6 +198,9 @@ def run_link(params: Params, experiment_id: str, run_id: str) -> str:
     uri = tracking_uri(params.root)
     base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
 
 
 class ClassifierModel(mlflow.pyfunc.PythonModel):

@@ -24,12 +24,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from bigmodel import config, tracking
+from bigmodel.cli import EXIT_TRANSIENT
 from bigmodel.errors import BigModelError
 from bigmodel.io import read_json, write_text
 from flows.report import render_report
 
 ROOT = Path(__file__).resolve().parents[1]
-EXIT_TRANSIENT = 75
 
 
 class StageFailed(RuntimeError):
@@ -81,7 +81,7 @@ def run_stage(stage: str, root: str) -> StageOutcome:
         logger.info(line)
     if proc.returncode != 0:
         last = next((l for l in reversed(output.splitlines()) if l.strip()), "no output")
-        if f"exit code {EXIT_TRANSIENT}" in output or "error (transient)" in output:
+        if f"exited with {EXIT_TRANSIENT}" in output:
             raise TransientStageFailure(f"stage {stage}: {last}")
         raise StageFailed(f"stage {stage} failed: {last}")
     if f"Running stage '{stage}'" in output:

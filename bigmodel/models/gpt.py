@@ -1,7 +1,8 @@
 """GPT: a decoder-only transformer (pre-norm, GELU MLP, learned positions, tied embeddings).
 
-`GPT` is the language model; `GPTClassifier` puts a classification head on the hidden state of
-the last real token (with right padding and causal attention, padding never reaches it).
+`GPT` is the language model; `GPTClassifier` puts a classification head on a pooled hidden state:
+the last real token's ("last"; with right padding and causal attention, padding never reaches it)
+or the mean over real tokens ("mean").
 """
 
 from __future__ import annotations
@@ -77,15 +78,21 @@ class GPT(nn.Module):
 
 
 class GPTClassifier(nn.Module):
-    def __init__(self, gpt: GPT, n_classes: int, dropout: float = 0.0):
+    def __init__(self, gpt: GPT, n_classes: int, dropout: float = 0.0, pooling: str = "mean"):
         super().__init__()
-        self.gpt = gpt
+        if pooling not in ("last", "mean"):
+            raise ValueError(f"pooling must be 'last' or 'mean', not {pooling!r}")
+        self.gpt, self.pooling = gpt, pooling
         self.head = ClassificationHead(gpt.cfg.n_embd, n_classes, dropout)
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         h = self.gpt.hidden(idx)  # (B, T, C)
-        last = h[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # (B, C)
-        return self.head(last)  # (B, n_classes)
+        if self.pooling == "last":
+            pooled = h[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # (B, C)
+        else:
+            real = torch.arange(idx.size(1), device=idx.device)[None, :] < lengths[:, None]  # (B, T)
+            pooled = (h * real[..., None]).sum(1) / lengths[:, None].to(h.dtype)  # (B, C)
+        return self.head(pooled)  # (B, n_classes)
 
 
 def save(model: nn.Module, cfg: GPTConfig, directory: Path, extra: dict | None = None) -> None:

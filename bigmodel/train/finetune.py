@@ -1,7 +1,7 @@
 """Stage `finetune`: the pretrained GPT body + a classification head, trained on the labelled set.
 
 Output: `paths.finetune`/ model.safetensors, config.json (architecture, labels, max_len) and
-tokenizer.json — a self-contained folder that `bigmodel.predict.TextClassifier` loads; the model
+tokenizer.json, from the epoch with the best val macro-F1 — a self-contained folder that `bigmodel.predict.TextClassifier` loads; the model
 is also logged to MLflow as a pyfunc and registered. metrics/finetune.json; plots/finetune.csv.
 """
 
@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import f1_score
 
 from bigmodel import tracking
 from bigmodel.config import Params
@@ -72,16 +73,35 @@ def ce_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Te
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, data: Encoded, batch_size: int) -> tuple[float, float]:
-    """(mean loss, accuracy) over a whole split."""
-    loss_sum, correct = 0.0, 0
+def score(model: torch.nn.Module, data: Encoded, batch_size: int) -> dict[str, float]:
+    """Mean loss, accuracy and macro-F1 over a whole split."""
+    loss_sum, predicted = 0.0, []
     for i in range(0, len(data), batch_size):
         ids, lengths, y = data.batch(torch.arange(i, min(i + batch_size, len(data)),
                                                   device=data.ids.device))
         logits = model(ids, lengths).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-    return loss_sum / len(data), correct / len(data)
+        predicted.append(logits.argmax(-1))
+    pred, y = torch.cat(predicted).cpu().numpy(), data.y.cpu().numpy()
+    return {"loss": loss_sum / len(data), "accuracy": float((pred == y).mean()),
+            "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0))}
+
+
+class BestEpoch:
+    """Keeps the weights of the epoch with the best val macro-F1 (early stopping, in memory)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.best, self.state, self.metrics = model, -1.0, None, {}
+
+    def offer(self, metrics: dict[str, float]) -> None:
+        if metrics["val_macro_f1"] > self.best:
+            self.best, self.metrics = metrics["val_macro_f1"], dict(metrics)
+            self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def restore(self) -> dict[str, float]:
+        if self.state is not None:
+            self.model.load_state_dict(self.state)
+        return self.metrics
 
 
 def run(params: Params) -> str:
@@ -97,7 +117,7 @@ def run(params: Params) -> str:
     gcfg = gpt_lib.GPTConfig(**{**pre_cfg, "dropout": cfg.dropout})
     gpt = gpt_lib.GPT(gcfg)
     gpt_lib.load_weights(gpt, pre_dir)
-    model = gpt_lib.GPTClassifier(gpt, len(labels), cfg.dropout)
+    model = gpt_lib.GPTClassifier(gpt, len(labels), cfg.dropout, cfg.pooling)
 
     steps_per_epoch = math.ceil(len(train_t) / (cfg.batch_size * cfg.grad_accum))
     trainer = Trainer(model, cfg, cfg.epochs * steps_per_epoch)
@@ -107,11 +127,15 @@ def run(params: Params) -> str:
     sample = Encoded(train_t.sample(min(TRAIN_ACC_SAMPLE, len(train_t)), random_state=params.seed),
                      tok, labels, cfg.max_len, trainer.device)
 
+    best = BestEpoch(model)
+
     def evaluate() -> dict[str, float]:
-        val_loss, val_acc = score(model, val, cfg.batch_size)
-        train_loss, train_acc = score(model, sample, cfg.batch_size)
-        return {"epoch": trainer.step / steps_per_epoch, "val_loss": val_loss, "val_accuracy": val_acc,
-                "train_eval_loss": train_loss, "train_accuracy": train_acc}
+        v, t = score(model, val, cfg.batch_size), score(model, sample, cfg.batch_size)
+        metrics = {"epoch": trainer.step / steps_per_epoch, "val_loss": v["loss"],
+                   "val_accuracy": v["accuracy"], "val_macro_f1": v["macro_f1"],
+                   "train_eval_loss": t["loss"], "train_accuracy": t["accuracy"]}
+        best.offer(metrics)
+        return metrics
 
     with tracking.stage_run("finetune", params, ["seed", "finetune"]) as mlrun:
         mlrun.metrics({"train_examples": len(train), "val_examples": len(val),
@@ -123,18 +147,20 @@ def run(params: Params) -> str:
             log=history, log_interval=max(1, steps_per_epoch // 4),
             tokens_per_step=cfg.batch_size * cfg.max_len * cfg.grad_accum,
         )
+        metrics = best.restore()
         with atomic_path(out) as tmp:
-            gpt_lib.save(model.to("cpu"), gcfg, tmp, {"labels": labels, "max_len": cfg.max_len})
+            gpt_lib.save(model.to("cpu"), gcfg, tmp, {"labels": labels, "max_len": cfg.max_len,
+                                                "pooling": cfg.pooling})
             shutil.copy(params.path("tokenizer") / "tokenizer.json", tmp / "tokenizer.json")
-        metrics = {k: v for k, v in result.eval_metrics.items() if k != "epoch"}
-        metrics.update(seconds=result.seconds, epochs=cfg.epochs)
+        metrics.update(best_epoch=metrics.pop("epoch"), seconds=result.seconds, epochs=cfg.epochs)
         write_json(params.metrics_file("finetune"), metrics)
         history.write_csv(params.plot_file("finetune"),
-                          ["train_loss", "val_loss", "train_accuracy", "val_accuracy"])
+                          ["train_loss", "val_loss", "train_accuracy", "val_accuracy", "val_macro_f1"])
         mlrun.artifact(params.plot_file("finetune"), "plots")
         version = mlrun.log_classifier(out, params.tracking.registered_model,
                                        example=val_t["text"].head(2).tolist())
-    return (f"val accuracy {metrics['val_accuracy']:.3f} after {cfg.epochs} epochs; "
+    return (f"val macro-F1 {metrics['val_macro_f1']:.3f} (best of {cfg.epochs} epochs: "
+            f"{metrics['best_epoch']:.0f}); "
             f"registered {params.tracking.registered_model} v{version}")
 
 

@@ -152,7 +152,8 @@ class Trainer:
                 t_last, step_last = now, self.step
             if self.step % eval_interval == 0 or self.step == self.max_steps:
                 metrics = self.run_eval(evaluate)
-                log(metrics, self.step)
+                if metrics:
+                    log(metrics, self.step)
             if checkpoint and checkpoint_interval and (
                 self.step % checkpoint_interval == 0 or self.step == self.max_steps
             ):

@@ -1,0 +1,126 @@
+"""Shared fixtures. Telemetry and hub access are switched off before any library loads."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.update(
+    DO_NOT_TRACK="true",
+    MLFLOW_DISABLE_TELEMETRY="true",
+    PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
+)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A pipeline small enough for a test: the built-in corpus, a tiny model, few steps.
+TINY_OVERRIDES = {
+    "prepare": {"max_per_class": 40},
+    "tokenizer": {"vocab_size": 512},
+    "pretrain": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 8,
+                 "max_steps": 30, "warmup_steps": 5, "eval_interval": 15, "eval_batches": 2,
+                 "log_interval": 5, "checkpoint_interval": 15},
+    "finetune": {"epochs": 1, "batch_size": 32, "max_len": 32, "warmup_steps": 2},
+    "evaluate": {"eval_tokens": 5000},
+    "explain": {"n_examples": 2, "max_evals": 40, "max_len": 24},
+}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def git(root: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=root,
+                   check=True, capture_output=True)
+
+
+def make_project(root: Path, overrides: dict | None = None) -> Path:
+    """A fresh git + DVC project holding this repo's dvc.yaml and code and a tiny params.yaml."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(REPO / "bigmodel", root / "bigmodel",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_OVERRIDES)
+    params = merge(params, overrides or {})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n/reports/pipeline_report.md\n")
+    git(root, "init", "-q")
+    dvc(root, "init", "-q")
+    dvc(root, "config", "core.analytics", "false")
+    dvc(root, "config", "core.check_update", "false")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "tiny project")
+    return root
+
+
+def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True,
+                          text=True, env=stage_env())
+
+
+def stage_env() -> dict[str, str]:
+    """This interpreter's bin folder (bigmodel, dvc) first on PATH; DVC's site cache in tmp."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["DVC_SITE_CACHE_DIR"] = str(Path(os.environ.get("TMPDIR", "/tmp")) / "bigmodel-dvc-site")
+    return env
+
+
+@pytest.fixture
+def tiny_texts() -> list[str]:
+    base = [
+        "def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    return a + b\n",
+        "class Queue:\n    \"\"\"A first-in, first-out queue.\"\"\"\n    def put(self, item): ...\n",
+        "Open the file, read every line and close it again — naïve but dependable.",
+        "import asyncio\nasync def main():\n    await asyncio.sleep(1)\n",
+    ]
+    return [f"{t}\n# variant {i}\n" for i in range(30) for t in base]
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny_texts):  # noqa: ANN001, ANN201
+    from bigmodel.tokenizer import train
+
+    return train(iter(tiny_texts), vocab_size=300, min_frequency=1)
+
+
+@pytest.fixture
+def tiny_classifier_dir(tmp_path, tiny_tokenizer):  # noqa: ANN001, ANN201
+    """A randomly initialised classifier folder in the layout the finetune stage writes."""
+    import torch
+
+    from bigmodel.models import gpt as gpt_lib
+
+    torch.manual_seed(0)
+    cfg = gpt_lib.GPTConfig(vocab_size=tiny_tokenizer.get_vocab_size(), block_size=32, n_layer=1,
+                            n_head=2, n_embd=16)
+    model = gpt_lib.GPTClassifier(gpt_lib.GPT(cfg), n_classes=3, pooling="mean")
+    directory = tmp_path / "classifier"
+    gpt_lib.save(model, cfg, directory, {"labels": ["asyncio", "files", "gui"], "max_len": 24,
+                                         "pooling": "mean"})
+    tiny_tokenizer.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():  # noqa: ANN201
+    """A temporary Prefect API (its own database) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield

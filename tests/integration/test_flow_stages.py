@@ -1,0 +1,54 @@
+"""The flow's stage task against real DVC: what it reports and when it retries."""
+
+import textwrap
+
+import pytest
+from prefect import flow
+
+from flows.pipeline import StageFailed, run_stage, stage_names
+from tests.conftest import dvc, git
+
+
+@pytest.fixture
+def project(tmp_path):  # noqa: ANN001, ANN201
+    (tmp_path / "dvc.yaml").write_text(textwrap.dedent("""\
+        stages:
+          ok:
+            cmd: python -c "open('out.txt', 'w').write('x')"
+            outs: [out.txt]
+          flaky:
+            cmd: python -c "open('tries', 'a').write('.'); raise SystemExit(75)"
+          broken:
+            cmd: python -c "open('tries_broken', 'a').write('.'); raise SystemExit(2)"
+        """))
+    git(tmp_path, "init", "-q")
+    assert dvc(tmp_path, "init", "-q").returncode == 0
+    return tmp_path
+
+
+def test_a_stage_runs_then_is_reported_skipped(project, prefect_harness):
+    @flow
+    def twice() -> list[str]:
+        return [run_stage("ok", str(project)).status, run_stage("ok", str(project)).status]
+
+    assert twice() == ["ran", "skipped"]
+    assert (project / "out.txt").read_text() == "x"
+
+
+def test_only_transient_failures_are_retried(project, prefect_harness):
+    fast = run_stage.with_options(retry_delay_seconds=0)
+
+    @flow
+    def attempt(stage: str) -> None:
+        fast(stage, str(project))
+
+    with pytest.raises(Exception, match="exited with 75"):
+        attempt("flaky")
+    assert (project / "tries").read_text() == "..."  # first try + 2 retries
+    with pytest.raises(StageFailed, match="exited with 2"):
+        attempt("broken")
+    assert (project / "tries_broken").read_text() == "."  # a user error is not retried
+
+
+def test_stage_order_is_the_dvc_yaml_order(project):
+    assert stage_names(project) == ["ok", "flaky", "broken"]
