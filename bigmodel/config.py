@@ -32,6 +32,7 @@ class Paths(Section):
 
 
 class Tracking(Section):
+    uri: str = ""  # empty: sqlite file mlflow.db in the project folder
     experiment: str = Field("bigmodel", min_length=1)
     registered_model: str = Field("bigmodel-classifier", min_length=1)
 

@@ -3,7 +3,10 @@ MLflow runs to rebuild the logged classifier).
 
 A stage is one MLflow run, nested under the pipeline's parent run when the environment names one
 (`BIGMODEL_PARENT_RUN_ID`, set by the Prefect flow). The default store is a SQLite file at an
-absolute path in the project folder, with artifacts beside it; `MLFLOW_TRACKING_URI` overrides.
+absolute path in the project folder, with artifacts beside it. `tracking.uri` in params.yaml, or
+the `BIGMODEL_TRACKING_URI` environment variable, points it elsewhere (a tracking server, say).
+`MLFLOW_TRACKING_URI` is deliberately not read: `mlflow.set_tracking_uri` writes it into the
+environment of the calling process, so it would leak one project's store into the next.
 """
 
 from __future__ import annotations
@@ -27,15 +30,17 @@ from bigmodel.errors import TransientError
 
 PARENT_ENV = "BIGMODEL_PARENT_RUN_ID"
 FLOW_RUN_ENV = "BIGMODEL_FLOW_RUN_ID"
+URI_ENV = "BIGMODEL_TRACKING_URI"
 
 
-def tracking_uri(root: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+def tracking_uri(params: Params) -> str:
+    return (os.environ.get(URI_ENV) or params.tracking.uri
+            or f"sqlite:///{(params.root / 'mlflow.db').resolve()}")
 
 
 def configure(params: Params) -> str:
     """Point MLflow at the store and experiment; return the experiment id."""
-    uri = tracking_uri(params.root)
+    uri = tracking_uri(params)
     mlflow.set_tracking_uri(uri)
     name = params.tracking.experiment
     try:
@@ -195,7 +200,7 @@ def child_runs(params: Params, parent_run_id: str) -> list[dict[str, Any]]:
 
 
 def run_link(params: Params, experiment_id: str, run_id: str) -> str:
-    uri = tracking_uri(params.root)
+    uri = tracking_uri(params)
     base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 

@@ -43,7 +43,7 @@ class TransientStageFailure(RuntimeError):
 @dataclass
 class StageOutcome:
     stage: str
-    status: str  # "ran" | "skipped" | "failed" | "not run"
+    status: str  # "ran" | "skipped" | "restored" (from DVC's run cache) | "failed" | "not run"
     seconds: float
     detail: str = ""
 
@@ -88,6 +88,8 @@ def run_stage(stage: str, root: str) -> StageOutcome:
         return StageOutcome(stage, "ran", seconds)
     if "didn't change, skipping" in output:
         return StageOutcome(stage, "skipped", seconds)
+    if "is cached - skipping run" in output:  # outputs of an earlier identical run, checked out
+        return StageOutcome(stage, "restored", seconds)
     raise StageFailed(f"stage {stage}: could not tell from DVC's output whether it ran")
 
 

@@ -16,7 +16,7 @@ def render_report(params: Params, outcomes: list[Any], parent_run_id: str,
         "# bigmodel pipeline report",
         "",
         f"- MLflow pipeline run: [{parent_run_id}]({tracking.run_link(params, exp, parent_run_id)})",
-        f"- tracking store: `{tracking.tracking_uri(params.root)}`",
+        f"- tracking store: `{tracking.tracking_uri(params)}`",
         f"- git commit: `{tracking.git_commit(params.root) or 'none'}`",
         "",
         "## Stages",
@@ -37,7 +37,7 @@ def render_report(params: Params, outcomes: list[Any], parent_run_id: str,
         f"- plots: `dvc plots show` (curves in `{params.paths.plots}/`), confusion matrix "
         f"`{params.paths.evaluate}/confusion.png`",
         f"- metrics: `dvc metrics show` (files in `{params.paths.metrics}/`)",
-        f"- runs: `mlflow ui --backend-store-uri {tracking.tracking_uri(params.root)}`",
+        f"- runs: `mlflow ui --backend-store-uri {tracking.tracking_uri(params)}`",
         "",
     ]
     return "\n".join(lines)

@@ -14,24 +14,35 @@ def project(tmp_path):  # noqa: ANN001, ANN201
     (tmp_path / "dvc.yaml").write_text(textwrap.dedent("""\
         stages:
           ok:
-            cmd: python -c "open('out.txt', 'w').write('x')"
+            cmd: python -c "open('out.txt', 'w').write(open('in.txt').read())"
+            deps: [in.txt]
             outs: [out.txt]
           flaky:
             cmd: python -c "open('tries', 'a').write('.'); raise SystemExit(75)"
           broken:
             cmd: python -c "open('tries_broken', 'a').write('.'); raise SystemExit(2)"
         """))
+    (tmp_path / "in.txt").write_text("x")
     git(tmp_path, "init", "-q")
     assert dvc(tmp_path, "init", "-q").returncode == 0
     return tmp_path
 
 
-def test_a_stage_runs_then_is_reported_skipped(project, prefect_harness):
+def test_a_stage_runs_then_is_reported_skipped_then_restored_from_the_run_cache(
+        project, prefect_harness):
     @flow
     def twice() -> list[str]:
         return [run_stage("ok", str(project)).status, run_stage("ok", str(project)).status]
 
     assert twice() == ["ran", "skipped"]
+    assert (project / "out.txt").read_text() == "x"
+    (project / "out.txt").unlink()  # DVC has this exact run in its run cache
+
+    @flow
+    def once() -> str:
+        return run_stage("ok", str(project)).status
+
+    assert once() == "restored"
     assert (project / "out.txt").read_text() == "x"
 
 

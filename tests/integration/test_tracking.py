@@ -32,6 +32,31 @@ def test_stage_runs_nest_under_the_pipeline_run_with_params_metrics_and_lineage(
     assert got.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
 
 
+def test_each_project_logs_to_its_own_store_even_after_mlflow_exported_another(tmp_path):
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; a second project must not inherit it
+    stores = []
+    for name in ("one", "two"):
+        p = config.validate({"tracking": {"experiment": "t"}})
+        p._root = tmp_path / name
+        p.root.mkdir()
+        with tracking.stage_run("prepare", p, ["prepare"]) as run:
+            run.metrics({"rows": 1.0})
+        stores.append(mlflow.MlflowClient(f"sqlite:///{p.root / 'mlflow.db'}"))
+    for client in stores:
+        exp = client.get_experiment_by_name("t")
+        assert exp is not None and len(client.search_runs([exp.experiment_id])) == 1
+
+
+def test_tracking_uri_comes_from_params_then_bigmodel_env(params, monkeypatch, tmp_path):
+    assert tracking.tracking_uri(params) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://elsewhere:5000")
+    assert tracking.tracking_uri(params) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params.tracking.uri = "http://server:5000"
+    assert tracking.tracking_uri(params) == "http://server:5000"
+    monkeypatch.setenv(tracking.URI_ENV, "http://env:5000")
+    assert tracking.tracking_uri(params) == "http://env:5000"
+
+
 def test_classifier_pyfunc_is_registered_and_answers_text_with_label_and_probabilities(
         params, tiny_classifier_dir):
     with tracking.stage_run("finetune", params, ["finetune"]) as run:
