@@ -11,6 +11,7 @@ from bigmodel.errors import BigModelError, TransientError
 
 # stage name → module whose `run(params, **kwargs)` does the work
 STAGES = {
+    "source": "bigmodel.data.source",
     "prepare": "bigmodel.data.prepare",
     "tokenizer": "bigmodel.tokenizer",
     "tokenize": "bigmodel.tokenize",
@@ -26,8 +27,11 @@ EXIT_TRANSIENT = 75  # EX_TEMPFAIL: the flow retries only these
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigmodel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-    for name in [*STAGES, "check"]:
-        help_ = "validate params.yaml and exit" if name == "check" else f"run the {name} stage"
+    extra = {"check": "validate params.yaml and exit",
+             "promote": "move the champion alias to the new models if they score better",
+             "generate": "complete a prompt with the pretrained GPT"}
+    for name in [*STAGES, *extra]:
+        help_ = extra.get(name, f"run the {name} stage")
         p = sub.add_parser(name, help=help_)
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         p.add_argument(
@@ -40,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "pretrain":
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+        if name == "generate":
+            p.add_argument("--prompt", required=True)
+            p.add_argument("--max-new-tokens", type=int, default=64)
+            p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+            p.add_argument("--top-k", type=int, default=50, help="0: no top-k filter")
+            p.add_argument("--top-p", type=float, default=1.0)
+            p.add_argument("--seed", type=int, default=None)
     return parser
 
 
@@ -51,6 +62,19 @@ def main(argv: list[str] | None = None) -> int:
         params = config.load(args.params, args.overrides)
         if args.command == "check":
             print(f"{args.params}: ok")
+            return 0
+        if args.command == "promote":
+            from bigmodel import promote
+
+            for decision in promote.run(params):
+                print(decision.line())
+            return 0
+        if args.command == "generate":
+            from bigmodel.generate import TextGenerator
+
+            gen = TextGenerator.load(params.path("pretrain"))
+            print(args.prompt + gen.complete(args.prompt, args.max_new_tokens, args.temperature,
+                                             args.top_k, args.top_p, args.seed))
             return 0
         module = importlib.import_module(STAGES[args.command])
         kwargs = {"resume": args.resume} if args.command == "pretrain" else {}

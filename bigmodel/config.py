@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +22,7 @@ class Section(BaseModel):
 class Paths(Section):
     """Where each stage writes; relative paths are resolved against the params file's folder."""
 
+    source: str = "data/source.json"  # snapshot of the raw source (files, sizes, hashes)
     prepared: str = "data/prepared"
     tokenizer: str = "models/tokenizer"
     tokens: str = "data/tokens"
@@ -34,7 +37,8 @@ class Paths(Section):
 class Tracking(Section):
     uri: str = ""  # empty: sqlite file mlflow.db in the project folder
     experiment: str = Field("bigmodel", min_length=1)
-    registered_model: str = Field("bigmodel-classifier", min_length=1)
+    registered_model: str = Field("bigmodel-classifier", min_length=1)  # the finetuned classifier
+    registered_generator: str = Field("bigmodel-gpt", min_length=1)  # the pretrained GPT
 
 
 class FilesSource(Section):
@@ -143,6 +147,16 @@ class Explain(Section):
     max_len: int = Field(64, ge=4)
 
 
+class Promote(Section):
+    """The champion gate run by the flows after the stages (not a DVC stage: it moves aliases)."""
+
+    alias: str = Field("champion", min_length=1)
+    metric: Literal["macro_f1", "accuracy"] = "macro_f1"  # classifier, test split, higher wins
+    margin: float = Field(0.01, ge=0, le=1)  # needed gain in that metric to move the alias
+    margin_bpb: float = Field(0.01, ge=0)  # GPT: needed drop in test bits per byte
+    lm_eval_bytes: int = Field(200_000, ge=1_000)  # test text the GPTs are scored on
+
+
 class Params(Section):
     seed: int = 1337
     paths: Paths = Paths()
@@ -154,6 +168,7 @@ class Params(Section):
     finetune: Finetune = Finetune()
     evaluate: Evaluate = Evaluate()
     explain: Explain = Explain()
+    promote: Promote = Promote()
 
     _root: Path = Path(".")
 
@@ -202,13 +217,56 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise BigModelError(f"--set {item!r}: expected section.key=value")
+    _set(raw, key.strip(), yaml.safe_load(value) if value.strip() else "", f"--set {item!r}")
+
+
+def _set(raw: dict[str, Any], key: str, value: Any, what: str) -> None:
     node = raw
-    *parents, leaf = key.strip().split(".")
+    *parents, leaf = key.split(".")
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise BigModelError(f"--set {item!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(value) if value.strip() else ""
+            raise BigModelError(f"{what}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def backup_of(path: Path) -> Path:
+    return path.with_name(path.name + ".bigmodel-backup")
+
+
+@contextmanager
+def overridden(path: str | Path, overrides: Mapping[str, Any] | None) -> Iterator[Params]:
+    """The params file with `overrides` ({"pretrain.max_steps": 200}; string values parsed as
+    YAML, like --set) written into it for the duration, so that DVC records exactly the values
+    the stages used. The original text is kept beside it and put back afterwards, even on
+    failure; a backup left by a killed run stops the next one instead of being overwritten."""
+    path = Path(path)
+    backup = backup_of(path)
+    if backup.exists():
+        raise BigModelError(f"{backup} exists: an earlier run with overrides was interrupted; "
+                            f"put it back with `mv {backup} {path}` (or delete it) first")
+    params = load(path)
+    if not overrides:
+        yield params
+        return
+    raw = yaml.safe_load(path.read_text())
+    for key, value in overrides.items():
+        if not isinstance(key, str) or not key.strip():
+            raise BigModelError(f"override {key!r}: expected a 'section.key' name")
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else ""
+        _set(raw, key.strip(), value, f"override {key!r}")
+    params = validate(raw, source=f"{path} with overrides")
+    params._root = path.resolve().parent
+    original = path.read_text()
+    backup.write_text(original)
+    try:
+        path.write_text("# written by a run with overrides; the original is put back after it\n"
+                        + yaml.safe_dump(raw, sort_keys=False))
+        yield params
+    finally:
+        path.write_text(original)
+        backup.unlink()
 
 
 def validate(raw: dict[str, Any], source: str = "params") -> Params:

@@ -1,8 +1,8 @@
-"""MLflow "models from code" entry: MLflow runs this file to build the classifier's pyfunc, so the
+"""MLflow "models from code" entry: MLflow runs this file to build a logged model's pyfunc, so the
 logged model holds code, not a pickle (loading a pickle can execute arbitrary code)."""
 
 from mlflow.models import set_model
 
-from bigmodel.tracking import ClassifierModel
+from bigmodel.tracking import BigmodelPyfunc
 
-set_model(ClassifierModel())
+set_model(BigmodelPyfunc())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -113,29 +112,41 @@ class StageRun:
     def log_classifier(self, model_dir: Path, registered_name: str, example: list[str]) -> str:
         """Log the finetuned classifier as a pyfunc (text in, label + probabilities out),
         register it, and return the new registry version."""
-        import bigmodel  # the package travels with the model, so serving needs no install
+        return _log_pyfunc("classifier", {"model_dir": str(model_dir)}, registered_name,
+                           pd.DataFrame({"text": example}))
 
-        import safetensors
-        import tokenizers
-        import torch
+    def log_generator(self, model_dir: Path, registered_name: str, example: list[str]) -> str:
+        """Log the pretrained GPT with its tokenizer as a pyfunc (prompt in, completion out),
+        register it, and return the new registry version."""
+        return _log_pyfunc("generator", {"generator_dir": str(model_dir)}, registered_name,
+                           (pd.DataFrame({"prompt": example}), dict(GENERATE_DEFAULTS)))
 
-        info = mlflow.pyfunc.log_model(
-            name="classifier",
-            python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
-            artifacts={"model_dir": str(model_dir)},
-            code_paths=[str(Path(bigmodel.__file__).parent)],
-            input_example=pd.DataFrame({"text": example}),
-            pip_requirements=[
-                f"torch=={torch.__version__.split('+')[0]}",
-                f"tokenizers=={tokenizers.__version__}",
-                f"safetensors=={safetensors.__version__}",
-                f"pandas=={pd.__version__}",
-                f"pydantic=={_version('pydantic')}",
-                f"pyyaml=={_version('pyyaml')}",
-            ],
-            registered_model_name=registered_name,
-        )
-        return str(info.registered_model_version)
+
+def _log_pyfunc(name: str, artifacts: dict[str, str], registered_name: str,
+                example: object) -> str:
+    import bigmodel  # the package travels with the model, so serving needs no install
+
+    import safetensors
+    import tokenizers
+    import torch
+
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
+        artifacts=artifacts,
+        code_paths=[str(Path(bigmodel.__file__).parent)],
+        input_example=example,
+        pip_requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"tokenizers=={tokenizers.__version__}",
+            f"safetensors=={safetensors.__version__}",
+            f"pandas=={pd.__version__}",
+            f"pydantic=={_version('pydantic')}",
+            f"pyyaml=={_version('pyyaml')}",
+        ],
+        registered_model_name=registered_name,
+    )
+    return str(info.registered_model_version)
 
 
 def _version(dist: str) -> str:
@@ -205,26 +216,124 @@ def run_link(params: Params, experiment_id: str, run_id: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
-
-
-class ClassifierModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: a DataFrame with a `text` column (or a list of strings) in; a DataFrame
-    with `label` and one `p_<class>` column per class out."""
+class BigmodelPyfunc(mlflow.pyfunc.PythonModel):
+    """The pyfunc MLflow loads and serves, for both kinds of logged model (told apart by the
+    artifact they carry):
+    - classifier (`model_dir`): a DataFrame with a `text` column (or a list of strings) in; a
+      DataFrame with `label` and one `p_<class>` column per class out;
+    - generator (`generator_dir`): a DataFrame with a `prompt` column in; `completion` out;
+      params max_new_tokens, temperature (0: greedy), top_k, top_p, seed."""
 
     # predict and load_context carry no type hints: MLflow would read them as a schema.
     def load_context(self, context):  # noqa: ANN001
-        from bigmodel.predict import TextClassifier
+        if "generator_dir" in context.artifacts:
+            from bigmodel.generate import TextGenerator
 
-        self.clf = TextClassifier.load(Path(context.artifacts["model_dir"]))
+            self.gen, self.clf = TextGenerator.load(Path(context.artifacts["generator_dir"])), None
+        else:
+            from bigmodel.predict import TextClassifier
+
+            self.clf, self.gen = TextClassifier.load(Path(context.artifacts["model_dir"])), None
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001
         if isinstance(model_input, pd.DataFrame):
-            texts = model_input["text" if "text" in model_input else model_input.columns[0]]
+            names = ("prompt", "text") if self.gen else ("text",)
+            column = next((c for c in names if c in model_input), model_input.columns[0])
+            texts = model_input[column]
         else:
             texts = model_input
         texts = [str(t) for t in texts]
+        if self.gen is not None:
+            p = {**GENERATE_DEFAULTS, **(params or {})}
+            return pd.DataFrame({"completion": [
+                self.gen.complete(t, int(p["max_new_tokens"]), float(p["temperature"]),
+                                  int(p["top_k"]), float(p["top_p"]),
+                                  None if int(p["seed"]) < 0 else int(p["seed"]))
+                for t in texts]})
         probs = self.clf.predict_proba(texts)
         out = pd.DataFrame(probs, columns=[f"p_{c}" for c in self.clf.labels])
         out.insert(0, "label", [self.clf.labels[i] for i in probs.argmax(1)])
         return out
+
+
+GENERATE_DEFAULTS = {"max_new_tokens": 48, "temperature": 0.8, "top_k": 50, "top_p": 1.0,
+                     "seed": -1}
+
+
+# --- registry: aliases, versions, downloads -------------------------------------------------
+
+def alias_version(params: Params, name: str, alias: str) -> str | None:
+    """The version an alias points at, or None when the model or the alias does not exist."""
+    configure(params)
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def set_alias(params: Params, name: str, alias: str, version: str, tags: dict[str, str]) -> None:
+    configure(params)
+    client = MlflowClient()
+    client.set_registered_model_alias(name, alias, version)
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+
+
+def set_tags_on_version(params: Params, name: str, version: str, tags: dict[str, str]) -> None:
+    configure(params)
+    client = MlflowClient()
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+
+
+def version_tags(params: Params, name: str, version: str) -> dict[str, str]:
+    configure(params)
+    return dict(MlflowClient().get_model_version(name, version).tags)
+
+
+def download_model(params: Params, uri: str, dest: Path) -> Path:
+    """Fetch a logged model (e.g. models:/name@champion) into dest; return the folder of its
+    bigmodel files (the one holding tokenizer.json)."""
+    configure(params)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    found = sorted(p.parent for p in local.rglob("tokenizer.json") if "code" not in p.parts)
+    if not found:
+        raise MlflowException(f"{uri}: no tokenizer.json in the logged model")
+    return found[0]
+
+
+# --- lineage: DVC's hashes on the stage runs ------------------------------------------------
+
+def log_lineage(params: Params, run_id: str, stage: str, lock: dict[str, Any]) -> None:
+    """Record a stage run's DVC lineage: each data dependency as an MLflow dataset input whose
+    digest is DVC's hash, each output's hash as a tag (code deps are covered by the git commit)."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    configure(params)
+    inputs = []
+    for dep in lock.get("deps", []):
+        path, digest = dep["path"], _dvc_hash(dep)
+        if path.startswith("bigmodel/") or not digest:
+            continue
+        ds = MetaDataset(LocalArtifactDatasetSource(str((params.root / path).resolve())),
+                         name=path, digest=digest)
+        inputs.append(DatasetInput(ds._to_mlflow_entity(),
+                                   tags=[InputTag("mlflow.data.context", f"dvc dep of {stage}")]))
+    client = MlflowClient()
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+    client.set_tag(run_id, "bigmodel.dvc_stage", stage)
+    for out in lock.get("outs", []):
+        client.set_tag(run_id, f"bigmodel.dvc_out.{out['path']}", _dvc_hash(out))
+
+
+def _dvc_hash(entry: dict[str, Any]) -> str:
+    return str(entry.get("md5") or entry.get("etag") or entry.get("checksum") or "")
+
+
+def stage_run_id(params: Params, parent_run_id: str, stage: str) -> str | None:
+    """The newest run of `stage` nested under a pipeline run."""
+    runs = [r for r in child_runs(params, parent_run_id) if r["stage"] == stage]
+    return runs[0]["run_id"] if runs else None

@@ -2,28 +2,34 @@
 
 One flow run = one MLflow parent run; each stage is a Prefect task running
 `dvc repro --single-item <stage>` (DVC alone decides whether it is up to date; a stage it skips is
-reported as skipped) and, when it runs, an MLflow child run. Only transient failures (exit code
-75, e.g. a tracking server that did not answer) are retried. The flow ends with a markdown report:
-a Prefect artifact, reports/pipeline_report.md, and an artifact of the parent MLflow run.
+reported as skipped) and, when it runs, an MLflow child run that then gets DVC's hashes of its
+inputs and outputs (lineage). The `source` snapshot is always refreshed, so new data is seen.
+Only transient failures (exit code 75, e.g. a tracking server that did not answer) are retried.
+After the stages, the champion gate (bigmodel.promote) moves the registry's `champion` alias to
+a better model. The flow ends with a markdown report: a Prefect artifact,
+reports/pipeline_report.md, and an artifact of the parent MLflow run.
 
     python -m flows.pipeline            # ephemeral Prefect API, embedded MLflow store
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from bigmodel import config, tracking
+from bigmodel import config, promote, tracking
 from bigmodel.cli import EXIT_TRANSIENT
 from bigmodel.errors import BigModelError
 from bigmodel.io import read_json, write_text
@@ -68,13 +74,12 @@ def stage_env() -> dict[str, str]:
 
 
 @task(task_run_name="{stage}", retries=2, retry_delay_seconds=10, retry_condition_fn=_transient_only)
-def run_stage(stage: str, root: str) -> StageOutcome:
+def run_stage(stage: str, root: str, force: bool = False) -> StageOutcome:
     logger = get_run_logger()
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
-        cwd=root, env=stage_env(), capture_output=True, text=True,
-    )
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []),
+           stage]
+    proc = subprocess.run(cmd, cwd=root, env=stage_env(), capture_output=True, text=True)
     seconds = time.perf_counter() - start
     output = proc.stdout + proc.stderr
     for line in output.strip().splitlines():
@@ -93,37 +98,94 @@ def run_stage(stage: str, root: str) -> StageOutcome:
     raise StageFailed(f"stage {stage}: could not tell from DVC's output whether it ran")
 
 
-@flow(name="bigmodel-pipeline")
-def pipeline(params_file: str = "params.yaml", root: str | None = None) -> list[StageOutcome]:
-    """Run every dvc.yaml stage in order under one MLflow parent run, then write the report."""
-    root_path = Path(root) if root else ROOT
-    params = config.load(root_path / params_file)  # a bad params file fails here, before any work
-    run_name = flow_run.get_name() or "local"
-    os.environ[tracking.FLOW_RUN_ENV] = flow_run.get_id() or ""
+@task(task_run_name="lineage-{stage}", cache_policy=NO_CACHE)
+def record_lineage(params: config.Params, parent: str, stage: str) -> None:
+    """Put DVC's hashes of what a stage read and wrote on its MLflow run."""
+    lock_file = params.root / "dvc.lock"
+    entry = yaml.safe_load(lock_file.read_text())["stages"].get(stage) if lock_file.is_file() else None
+    run_id = tracking.stage_run_id(params, parent, stage)
+    if entry and run_id:
+        tracking.log_lineage(params, run_id, stage, entry)
+
+
+@task(task_run_name="champion-gate", cache_policy=NO_CACHE)
+def gate(params: config.Params) -> list[promote.Decision]:
+    decisions = promote.run(params)
+    for d in decisions:
+        get_run_logger().info(d.line())
+    return decisions
+
+
+@dataclass
+class Execution:
+    outcomes: list[StageOutcome]
+    parent: str
+    failure: Exception | None
+
+
+def execute(params: config.Params, root: Path, refresh_source: bool = True) -> Execution:
+    """Every dvc.yaml stage in order (the `source` snapshot forced, so a data change is seen),
+    each that ran getting its DVC lineage on its MLflow run. Call inside a pipeline_run."""
+    parent = os.environ[tracking.PARENT_ENV]
     outcomes: list[StageOutcome] = []
     failure: Exception | None = None
-    with tracking.pipeline_run(params, f"pipeline {run_name}", {"prefect.flow_run": run_name}) as parent:
-        for stage in stage_names(root_path):
-            if failure is not None:
-                outcomes.append(StageOutcome(stage, "not run", 0.0))
-                continue
-            try:
-                outcomes.append(run_stage(stage, str(root_path)))
-            except (StageFailed, TransientStageFailure) as e:
-                outcomes.append(StageOutcome(stage, "failed", 0.0, str(e)))
-                failure = e
-        report = render_report(params, outcomes, parent, tracking.child_runs(params, parent),
-                               metrics_of(params))
-        path = root_path / "reports" / "pipeline_report.md"
-        write_text(path, report)
-        tracking.log_to_run(parent, path, {
-            "stages_ran": sum(o.status == "ran" for o in outcomes),
-            "stages_skipped": sum(o.status == "skipped" for o in outcomes),
-        })
-    create_markdown_artifact(report, key="bigmodel-report", description="bigmodel pipeline report")
-    if failure is not None:
-        raise failure
-    return outcomes
+    for stage in stage_names(root):
+        if failure is not None:
+            outcomes.append(StageOutcome(stage, "not run", 0.0))
+            continue
+        try:
+            outcome = run_stage(stage, str(root), force=refresh_source and stage == "source")
+        except (StageFailed, TransientStageFailure) as e:
+            outcomes.append(StageOutcome(stage, "failed", 0.0, str(e)))
+            failure = e
+            continue
+        outcomes.append(outcome)
+        if outcome.status == "ran":
+            record_lineage(params, parent, stage)
+    return Execution(outcomes, parent, failure)
+
+
+def finish(params: config.Params, root: Path, run: Execution, title: str, preamble: list[str],
+           decisions: list[promote.Decision] | None, key: str) -> str:
+    """Write the report (file, MLflow parent run, Prefect artifact) and the run's counters."""
+    report = render_report(params, run.outcomes, run.parent,
+                           tracking.child_runs(params, run.parent), metrics_of(params),
+                           title=title, preamble=preamble, decisions=decisions)
+    path = root / "reports" / f"{key}_report.md"
+    write_text(path, report)
+    tracking.log_to_run(run.parent, path, {
+        "stages_ran": sum(o.status == "ran" for o in run.outcomes),
+        "stages_skipped": sum(o.status == "skipped" for o in run.outcomes),
+        "champions_moved": sum(d.moved for d in decisions or []),
+    })
+    create_markdown_artifact(report, key=f"bigmodel-{key}-report", description=title)
+    return report
+
+
+@flow(name="bigmodel-pipeline")
+def pipeline(params_file: str = "params.yaml", root: str | None = None,
+             overrides: dict[str, Any] | None = None, promote_models: bool = True,
+             ) -> list[StageOutcome]:
+    """Run every dvc.yaml stage under one MLflow parent run, gate the champions, report.
+
+    `overrides` ({"pretrain.max_steps": 200}) are written into the params file for this run
+    only, so DVC records what the stages really used; the file is put back afterwards."""
+    root_path = Path(root) if root else ROOT
+    run_name = flow_run.get_name() or "local"
+    os.environ[tracking.FLOW_RUN_ENV] = flow_run.get_id() or ""
+    # a bad params file or override fails here, before any work
+    with config.overridden(root_path / params_file, overrides) as params:
+        with tracking.pipeline_run(params, f"pipeline {run_name}",
+                                   {"prefect.flow_run": run_name,
+                                    "bigmodel.overrides": json.dumps(overrides or {})}):
+            run = execute(params, root_path)
+            decisions = gate(params) if promote_models and run.failure is None else None
+            preamble = [f"- overrides: `{json.dumps(overrides)}`"] if overrides else []
+            finish(params, root_path, run, "bigmodel pipeline report", preamble, decisions,
+                   "pipeline")
+    if run.failure is not None:
+        raise run.failure
+    return run.outcomes
 
 
 def metrics_of(params: config.Params) -> dict[str, dict]:

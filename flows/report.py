@@ -9,12 +9,15 @@ from bigmodel.config import Params
 
 
 def render_report(params: Params, outcomes: list[Any], parent_run_id: str,
-                  children: list[dict[str, Any]], metrics: dict[str, dict]) -> str:
+                  children: list[dict[str, Any]], metrics: dict[str, dict],
+                  title: str = "bigmodel pipeline report", preamble: list[str] | None = None,
+                  decisions: list[Any] | None = None) -> str:
     runs = {c["stage"]: c for c in children}
     exp = children[0]["experiment_id"] if children else tracking.configure(params)
     lines = [
-        "# bigmodel pipeline report",
+        f"# {title}",
         "",
+        *(preamble or []),
         f"- MLflow pipeline run: [{parent_run_id}]({tracking.run_link(params, exp, parent_run_id)})",
         f"- tracking store: `{tracking.tracking_uri(params)}`",
         f"- git commit: `{tracking.git_commit(params.root) or 'none'}`",
@@ -29,6 +32,7 @@ def render_report(params: Params, outcomes: list[Any], parent_run_id: str,
         link = f"[{run['run_id'][:8]}]({tracking.run_link(params, exp, run['run_id'])})" if run else "–"
         status = o.status + (f": {o.detail}" if o.detail else "")
         lines.append(f"| {o.stage} | {status} | {o.seconds:.1f} | {link} |")
+    lines += _champions(params, decisions)
     lines += _language_model(metrics) + _classifier(metrics) + _explain(params, metrics)
     lines += [
         "",
@@ -41,6 +45,18 @@ def render_report(params: Params, outcomes: list[Any], parent_run_id: str,
         "",
     ]
     return "\n".join(lines)
+
+
+def _champions(params: Params, decisions: list[Any] | None) -> list[str]:
+    if not decisions:
+        return []
+    alias = params.promote.alias
+    lines = ["", f"## Champions (alias `{alias}`)", "",
+             f"| model | {alias} before | {alias} after | decision |", "|---|---|---|---|"]
+    for d in decisions:
+        lines.append(f"| {d.model} | {d.champion_before or '–'} | {d.champion_after or '–'} | "
+                     f"{d.reason} |")
+    return lines
 
 
 def _fmt(value: Any) -> str:

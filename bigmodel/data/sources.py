@@ -54,15 +54,29 @@ class Corpus:
     description: dict[str, object] = field(default_factory=dict)
 
 
-def load_builtin() -> Corpus:
-    """The standard library of this Python: source files (documents) and their docstrings,
-    labelled with the package family of the module they come from."""
+def builtin_files() -> tuple[Path, list[Path]]:
+    """The stdlib folder of this Python and its source files outside test folders."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(
         p for p in root.rglob("*.py") if not set(p.relative_to(root).parts[:-1]) & STDLIB_SKIP
     )
     if not files:
         raise BigModelError(f"no Python sources found in the standard library at {root}")
+    return root, files
+
+
+def matching_files(spec: FilesSource, root: Path) -> list[Path]:
+    pattern = spec.glob if Path(spec.glob).is_absolute() else str(root / spec.glob)
+    paths = sorted(Path(p) for p in globlib.glob(pattern, recursive=True) if Path(p).is_file())
+    if not paths:
+        raise BigModelError(f"prepare.files.glob: no files match {spec.glob!r}")
+    return paths
+
+
+def load_builtin() -> Corpus:
+    """The standard library of this Python: source files (documents) and their docstrings,
+    labelled with the package family of the module they come from."""
+    root, files = builtin_files()
     docs, examples = [], []
     for path in files:
         rel = path.relative_to(root).as_posix()
@@ -89,10 +103,7 @@ def load_builtin() -> Corpus:
 
 def load_files(spec: FilesSource, root: Path) -> Corpus:
     """txt (one document per blank-line-separated paragraph), csv, tsv or jsonl files."""
-    pattern = spec.glob if Path(spec.glob).is_absolute() else str(root / spec.glob)
-    paths = sorted(Path(p) for p in globlib.glob(pattern, recursive=True) if Path(p).is_file())
-    if not paths:
-        raise BigModelError(f"prepare.files.glob: no files match {spec.glob!r}")
+    paths = matching_files(spec, root)
     frames = [_read_file(p, spec) for p in paths]
     table = pd.concat(frames, ignore_index=True)
     return _from_table(table, spec.label_column, {"source": "files", "files": len(paths)})

@@ -159,6 +159,8 @@ def run(params: Params) -> str:
         mlrun.artifact(params.plot_file("finetune"), "plots")
         version = mlrun.log_classifier(out, params.tracking.registered_model,
                                        example=val_t["text"].head(2).tolist())
+        write_json(out / "registry.json", {"name": params.tracking.registered_model,
+                                           "version": version, "run_id": mlrun.run_id})
     return (f"val macro-F1 {metrics['val_macro_f1']:.3f} (best of {cfg.epochs} epochs: "
             f"{metrics['best_epoch']:.0f}); "
             f"registered {params.tracking.registered_model} v{version}")

@@ -7,6 +7,8 @@ Output: `paths.pretrain`/ model.safetensors + config.json (the final model) and 
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +89,9 @@ def run(params: Params, resume: bool = False) -> str:
             checkpoint_interval=cfg.checkpoint_interval,
         )
         save_final(model, gcfg, out)
+        with atomic_path(out / "tokenizer.json") as tmp:  # the model folder stands on its own
+            shutil.copy(params.path("tokenizer") / "tokenizer.json", tmp)
+        version = register_generator(mlrun, out, params.tracking.registered_generator)
         metrics = {
             "train_loss": result.train_loss,
             **result.eval_metrics,
@@ -100,7 +105,19 @@ def run(params: Params, resume: bool = False) -> str:
         mlrun.artifact(params.plot_file("pretrain_loss"), "plots")
     return (f"step {result.step}: train loss {result.train_loss:.3f}, val loss "
             f"{metrics['val_loss']:.3f}, val bpb {metrics['val_bpb']:.3f}, "
-            f"{result.tokens_per_s:,.0f} tokens/s")
+            f"{result.tokens_per_s:,.0f} tokens/s; registered "
+            f"{params.tracking.registered_generator} v{version}")
+
+
+def register_generator(mlrun: tracking.StageRun, out: Path, name: str) -> str:
+    """Log weights, config and tokenizer (not the training checkpoint) as the servable GPT;
+    note the registry version in the model folder."""
+    with tempfile.TemporaryDirectory() as d:
+        for file in ("model.safetensors", "config.json", "tokenizer.json"):
+            shutil.copy(out / file, Path(d) / file)
+        version = mlrun.log_generator(Path(d), name, example=["def read_config(path):"])
+    write_json(out / "registry.json", {"name": name, "version": version, "run_id": mlrun.run_id})
+    return version
 
 
 def save_final(model: gpt_lib.GPT, gcfg: gpt_lib.GPTConfig, out: Path) -> None:
