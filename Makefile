@@ -14,7 +14,13 @@ export HF_DATASETS_OFFLINE := 1
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: pipeline test install repro mlflow-ui clean
+.PHONY: pipeline retrain test install repro promote mlflow-ui mlflow-server serve serve-gpt \
+	prefect-server worker deploy clean
+
+MLFLOW_PORT ?= 5000
+SERVE_PORT ?= 5001
+POOL ?= bigmodel
+STORE := sqlite:///$(CURDIR)/mlflow.db
 
 install: $(STAMP)
 
@@ -31,11 +37,43 @@ pipeline: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+retrain: $(STAMP)
+	$(BIN)/python -m flows.retrain
+
+# refresh the data snapshot (a forced, cheap stage), then let DVC rerun whatever that reaches
 repro: $(STAMP)
-	$(BIN)/dvc repro
+	$(BIN)/dvc repro --force --single-item source && $(BIN)/dvc repro
+
+promote: $(STAMP)
+	$(BIN)/bigmodel promote
 
 mlflow-ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/mlflow ui --backend-store-uri $(STORE) --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+mlflow-server: $(STAMP)
+	infra/mlflow-server.sh $(MLFLOW_PORT)
+
+serve: $(STAMP)
+	MLFLOW_TRACKING_URI=$(STORE) $(BIN)/mlflow models serve -m models:/bigmodel-classifier@champion \
+		--env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
+
+serve-gpt: $(STAMP)
+	MLFLOW_TRACKING_URI=$(STORE) $(BIN)/mlflow models serve -m models:/bigmodel-gpt@champion \
+		--env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
+
+# Deployments: `make prefect-server` (one terminal), `make worker` (another), `make deploy`.
+prefect-server: $(STAMP)
+	$(BIN)/prefect server start --host 127.0.0.1
+
+worker: $(STAMP)
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/prefect worker start --pool $(POOL) --limit 1
+
+deploy: $(STAMP)
+	export PREFECT_API_URL=http://127.0.0.1:4200/api; \
+	$(BIN)/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || \
+		$(BIN)/prefect work-pool create $(POOL) --type process; \
+	$(BIN)/prefect work-pool set-concurrency-limit $(POOL) 1 && \
+	$(BIN)/prefect --no-prompt deploy --all
 
 clean:
 	rm -rf data models reports mlflow.db mlartifacts .prefect

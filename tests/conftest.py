@@ -49,12 +49,16 @@ def git(root: Path, *args: str) -> None:
                    check=True, capture_output=True)
 
 
-def make_project(root: Path, overrides: dict | None = None) -> Path:
-    """A fresh git + DVC project holding this repo's dvc.yaml and code and a tiny params.yaml."""
+def make_project(root: Path, overrides: dict | None = None, with_flows: bool = False) -> Path:
+    """A fresh git + DVC project holding this repo's dvc.yaml and code and a tiny params.yaml
+    (and, `with_flows`, the Prefect flows and prefect.yaml, for deploying from it)."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    shutil.copytree(REPO / "bigmodel", root / "bigmodel",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("bigmodel", "flows") if with_flows else ("bigmodel",):
+        shutil.copytree(REPO / package, root / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    if with_flows:
+        shutil.copy(REPO / "prefect.yaml", root / "prefect.yaml")
     params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_OVERRIDES)
     params = merge(params, overrides or {})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -113,6 +117,22 @@ def tiny_classifier_dir(tmp_path, tiny_tokenizer):  # noqa: ANN001, ANN201
     directory = tmp_path / "classifier"
     gpt_lib.save(model, cfg, directory, {"labels": ["asyncio", "files", "gui"], "max_len": 24,
                                          "pooling": "mean"})
+    tiny_tokenizer.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+@pytest.fixture
+def tiny_gpt_dir(tmp_path, tiny_tokenizer):  # noqa: ANN001, ANN201
+    """A randomly initialised GPT folder in the layout the pretrain stage writes."""
+    import torch
+
+    from bigmodel.models import gpt as gpt_lib
+
+    torch.manual_seed(0)
+    cfg = gpt_lib.GPTConfig(vocab_size=tiny_tokenizer.get_vocab_size(), block_size=32, n_layer=1,
+                            n_head=2, n_embd=16)
+    directory = tmp_path / "gpt"
+    gpt_lib.save(gpt_lib.GPT(cfg), cfg, directory)
     tiny_tokenizer.save(str(directory / "tokenizer.json"))
     return directory
 

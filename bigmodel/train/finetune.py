@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import shutil
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F

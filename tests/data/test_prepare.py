@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from bigmodel import config
-from bigmodel.config import FilesSource, HFSource
+from bigmodel.config import HFSource
 from bigmodel.data import prepare, sources
 from bigmodel.errors import BigModelError
 

@@ -6,56 +6,21 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 
 from bigmodel import config, tracking
+from tests.servers import free_port, running
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "infra" / "mlflow-server.sh"
 SCREENSHOT = REPO / "reports" / "test-artifacts" / "mlflow_ui_runs.png"
 START_TIMEOUT_S = 60
 PIPELINE, STAGE = "pipeline srv", "prepare"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (mlflow + uvicorn), SIGKILL what is left after 15 s."""
-    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-        try:  # the leader is gone; its children may not be
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
 
 
 @pytest.fixture(scope="module")
@@ -67,24 +32,9 @@ def server(tmp_path_factory):  # noqa: ANN001, ANN201
            if k not in ("BIGMODEL_TRACKING_URI", "MLFLOW_TRACKING_URI")}
     env.update(MLFLOW_BACKEND_STORE_URI=f"sqlite:///{base / 's.db'}",
                MLFLOW_ARTIFACTS_DESTINATION=str(base / "art"))
-    out, err = (base / "stdout.log").open("wb"), (base / "stderr.log").open("wb")
-    proc = subprocess.Popen([str(SCRIPT), str(port)], cwd=base, env=env, stdout=out, stderr=err,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not answers(f"{url}/health"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                why = (f"exited with {proc.returncode}" if proc.returncode is not None
-                       else f"did not answer /health within {START_TIMEOUT_S} s")
-                pytest.fail(f"infra/mlflow-server.sh {why}; stderr:\n"
-                            + (base / "stderr.log").read_text(errors="replace")[-4000:])
-            time.sleep(0.25)
-        yield {"url": url, "port": port, "dir": base, "pid": proc.pid}
-    finally:
-        stop(proc)
-        out.close()
-        err.close()
+    with running([str(SCRIPT), str(port)], base, env, health=f"http://127.0.0.1:{port}/health",
+                 timeout_s=START_TIMEOUT_S) as proc:
+        yield {"url": f"http://127.0.0.1:{port}", "port": port, "dir": base, "pid": proc.pid}
 
 
 @pytest.fixture(scope="module")
