@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "pretrain":
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+            p.add_argument("--nproc", type=positive_int, default=1, metavar="N",
+                           help="train in N processes with DDP under torchrun (default: 1)")
         if name == "generate":
             p.add_argument("--prompt", required=True)
             p.add_argument("--max-new-tokens", type=int, default=64)
@@ -52,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--top-p", type=float, default=1.0)
             p.add_argument("--seed", type=int, default=None)
     return parser
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +84,17 @@ def main(argv: list[str] | None = None) -> int:
             print(args.prompt + gen.complete(args.prompt, args.max_new_tokens, args.temperature,
                                              args.top_k, args.top_p, args.seed))
             return 0
+        if args.command == "pretrain" and args.nproc > 1:
+            from bigmodel.train import distributed
+
+            # a batch that does not split fails here, before any process starts
+            distributed.World(size=args.nproc).share(params.pretrain.batch_size,
+                                                     "pretrain.batch_size")
+            return distributed.launch(args.nproc, [
+                "pretrain", "--params", args.params,
+                *[a for o in args.overrides for a in ("--set", o)],
+                *(["--resume"] if args.resume else []),
+            ])
         module = importlib.import_module(STAGES[args.command])
         kwargs = {"resume": args.resume} if args.command == "pretrain" else {}
         start = time.perf_counter()

@@ -84,8 +84,8 @@ class Prepare(Section):
 
 
 class TokenizerParams(Section):
-    kind: Literal["bpe"] = "bpe"
-    vocab_size: int = Field(4096, ge=260, le=1 << 20)
+    kind: Literal["bpe", "char"] = "bpe"  # char: one token per character (vocab from the data)
+    vocab_size: int = Field(4096, ge=260, le=1 << 20)  # bpe only
     min_frequency: int = Field(2, ge=1)
 
 

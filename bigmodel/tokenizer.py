@@ -1,4 +1,8 @@
-"""Stage `tokenizer`: train a byte-level BPE tokenizer (HF `tokenizers`) on the train split only.
+"""Stage `tokenizer`: train a tokenizer (HF `tokenizers`) on the train split only.
+
+`kind: bpe` — byte-level BPE with `vocab_size` entries (any byte sequence stays encodable).
+`kind: char` — one token per character seen in the train split, plus `<|unk|>` for the rest
+(nanoGPT's character-level setup, for like-for-like comparisons; bits per byte compares either).
 
 Output: `paths.tokenizer`/tokenizer.json (every document encodes to its tokens followed by
 `<|endoftext|>`); metrics/tokenizer.json (vocabulary, bytes per token on val).
@@ -10,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from bigmodel import tracking
 from bigmodel.config import Params
@@ -19,6 +23,7 @@ from bigmodel.io import atomic_path, write_json
 
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
+UNK = "<|unk|>"
 SPECIAL_TOKENS = [EOT, PAD]
 
 
@@ -26,7 +31,9 @@ def run(params: Params) -> str:
     cfg = params.tokenizer
     prepared, out = params.path("prepared"), params.path("tokenizer")
     with tracking.stage_run("tokenizer", params, ["tokenizer"]) as mlrun:
-        tok = train(iter_texts(prepared / "pretrain_train.parquet"), cfg.vocab_size, cfg.min_frequency)
+        texts = iter_texts(prepared / "pretrain_train.parquet")
+        tok = (train_char(texts) if cfg.kind == "char" else
+               train(texts, cfg.vocab_size, cfg.min_frequency))
         metrics = {
             "vocab_size": tok.get_vocab_size(),
             "val_bytes_per_token": bytes_per_token(tok, prepared / "pretrain_val.parquet"),
@@ -52,6 +59,23 @@ def train(texts: Iterator[str], vocab_size: int, min_frequency: int) -> Tokenize
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    return _end_with_eot(tok)
+
+
+def train_char(texts: Iterator[str]) -> Tokenizer:
+    """A character-level tokenizer: every character of the training texts is one token."""
+    chars: set[str] = set()
+    for text in texts:
+        chars.update(text)
+    vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, UNK, *sorted(chars)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([*SPECIAL_TOKENS, UNK])
+    return _end_with_eot(tok)
+
+
+def _end_with_eot(tok: Tokenizer) -> Tokenizer:
     eot = tok.token_to_id(EOT)
     tok.post_processor = processors.TemplateProcessing(
         single=f"$A {EOT}", special_tokens=[(EOT, eot)]

@@ -3,6 +3,9 @@
 `GPT` is the language model; `GPTClassifier` puts a classification head on a pooled hidden state:
 the last real token's ("last"; with right padding and causal attention, padding never reaches it)
 or the mean over real tokens ("mean").
+
+Generation passes a KV cache (`GPT.new_cache()`, one `KVCache` per block) to `forward`: each
+call then feeds only the tokens not yet cached, at positions that follow the cached ones.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
 from bigmodel.errors import BigModelError
-from bigmodel.models.layers import Block, ClassificationHead, init_weights
+from bigmodel.models.layers import Block, ClassificationHead, KVCache, init_weights
 
 
 @dataclass
@@ -45,23 +48,34 @@ class GPT(nn.Module):
         init_weights(self, cfg.n_layer)
         self.lm_head.weight = self.wte.weight  # weight tying: one matrix for input and output
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
         B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.cfg.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        start = cache[0].length if cache else 0  # tokens already in the cache come first
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size "
+                             f"{self.cfg.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x)
+        if cache is None:
+            for block in self.blocks:
+                x = block(x)
+        else:
+            for block, layer_cache in zip(self.blocks, cache, strict=True):
+                x = block(x, cache=layer_cache)  # appends this chunk's keys/values
         return self.ln_f(x)  # (B, T, C)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: list[KVCache] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.lm_head(self.hidden(idx))  # (B, T, vocab)
+        logits = self.lm_head(self.hidden(idx, cache))  # (B, T, vocab)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
+
+    def new_cache(self) -> list[KVCache]:
+        """An empty KV cache for `forward(idx, cache=...)`: one per block, block_size long."""
+        return [KVCache(self.cfg.block_size) for _ in self.blocks]
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

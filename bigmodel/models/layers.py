@@ -2,7 +2,8 @@
 
 Attention runs through `F.scaled_dot_product_attention`, which picks flash / memory-efficient
 kernels on CUDA and a fused kernel on the CPU. Only when attention maps are asked for (the
-explain stage) does it compute the softmax explicitly.
+explain stage) does it compute the softmax explicitly. For generation, `KVCache` keeps each
+layer's keys and values so that a step feeds only the new tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +13,34 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+class KVCache:
+    """One attention layer's keys and values of the tokens seen so far, for generation.
+
+    Allocated on the first `append` for `max_len` positions (learned positions stop at
+    block_size, so the cache never needs to grow): k, v are (B, nh, max_len, hs), of which the
+    first `length` positions are filled.
+    """
+
+    def __init__(self, max_len: int):
+        self.max_len, self.length = max_len, 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new (B, nh, T, hs) keys and values; return all so far, (B, nh, length, hs)."""
+        B, nh, T, hs = k.shape
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked for {end}")
+        if self.k is None:
+            self.k = k.new_empty(B, nh, self.max_len, hs)
+            self.v = v.new_empty(B, nh, self.max_len, hs)
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class SelfAttention(nn.Module):
@@ -25,33 +54,43 @@ class SelfAttention(nn.Module):
         self.keep_maps = False  # set True to record `last_map` (B, nh, T, T) on each forward
         self.last_map: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)
-        mask = None
+        mask, causal = None, self.causal
         if pad_mask is not None:  # (B, T) True = real token; keys that are padding get no weight
             mask = pad_mask[:, None, None, :]
             if self.causal:
                 mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        if cache is not None:
+            assert self.causal and pad_mask is None, "a KV cache is for causal decoding only"
+            past = cache.length
+            k, v = cache.append(k, v)  # (B, nh, past + T, hs)
+            if past:  # is_causal aligns the mask top-left: wrong once keys precede the queries
+                causal = False
+                if T > 1:  # a chunk sees every cached key, and its own tokens causally
+                    mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+                # T == 1: the one new token attends to everything, no mask needed
         if self.keep_maps:
-            y = self._explicit(q, k, v, mask)
+            y = self._explicit(q, k, v, mask, causal)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                is_causal=self.causal and mask is None,
+                is_causal=causal and mask is None,
             )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_drop(self.proj(y))
 
     def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  mask: torch.Tensor | None) -> torch.Tensor:
+                  mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         T = q.size(-2)
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, T)
-        if mask is None and self.causal:
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, T_k)
+        if mask is None and causal:
             mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         if mask is not None:
             att = att.masked_fill(~mask, float("-inf"))
@@ -81,8 +120,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(n_embd, bias=False)
         self.mlp = MLP(n_embd, dropout)
 
-    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), pad_mask)
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), pad_mask, cache)
         return x + self.mlp(self.ln_2(x))
 
 

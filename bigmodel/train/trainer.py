@@ -1,8 +1,15 @@
 """The one training loop: device and precision, AdamW, warmup + cosine LR, gradient accumulation,
-clipping, interval logging without per-step host syncs, and checkpoint / resume.
+clipping, interval logging without per-step host syncs, DDP, and checkpoint / resume.
 
 A stage hands `fit` a batch source, a loss function and an evaluation callback; everything about
 *how* to optimise lives here, so every objective (causal LM, classification, ...) shares it.
+
+A checkpoint is everything a resumed run needs to take exactly the steps the uninterrupted run
+would have: weights, optimizer moments, the step (which fixes the LR schedule, a pure function
+of it), the partly summed train loss of the current log window, every rank's torch / CUDA /
+numpy / python RNG states, and what the stage adds (its data sampler's position). It is never
+written after a non-finite loss or with non-finite weights, so the last good one survives a
+divergence.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from safetensors.torch import load_model, save_model
 from bigmodel.config import Optim
 from bigmodel.errors import BigModelError
 from bigmodel.io import atomic_path
+from bigmodel.train.distributed import World
 
 # Dense bf16 peak FLOP/s per device, for MFU. Unknown devices (and CPUs) report no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -51,6 +59,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states, in types `torch.load(weights_only=True)` reads back."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached"]))
+    random.setstate(state["python"])
+
+
 def lr_at(step: int, cfg: Optim, max_steps: int) -> float:
     """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at max_steps."""
     if step < cfg.warmup_steps:
@@ -69,17 +99,28 @@ class FitResult:
     seconds: float = 0.0
 
 
+NO_STEP = 1 << 62  # "no step yet" for the first-non-finite-step marker
+
+
 class Trainer:
-    def __init__(self, model: nn.Module, cfg: Optim, max_steps: int):
+    def __init__(self, model: nn.Module, cfg: Optim, max_steps: int, world: World | None = None):
         self.cfg, self.max_steps = cfg, max_steps
-        self.device = pick_device(cfg.device)
-        self.model = model.to(self.device)
-        self.step_fn_model = torch.compile(model) if cfg.compile else model
+        self.world = world or World()
+        self.device = self.world.device(pick_device(cfg.device))
+        self.model = model.to(self.device)  # what is saved, loaded and evaluated
+        self.wrapped = self.world.wrap(self.model)  # DDP around it under torchrun, else itself
+        self.step_fn_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.optimizer = self._optimizer()
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         )
         self.step = 0
+        # The train loss summed on the device since step `window_start` (the log window), and
+        # the first step whose loss was not finite: kept on the device, read at intervals only.
+        self.window_sum = torch.zeros((), device=self.device)
+        self.window_start = 0
+        self.bad_step = torch.full((), NO_STEP, dtype=torch.int64, device=self.device)
+        self.last_good: tuple[int, Path] | None = None  # (step, folder) of the last checkpoint
 
     def _optimizer(self) -> torch.optim.Optimizer:
         # Weight decay on matrices only; norms, biases (and nothing else 1-D) are not decayed.
@@ -109,12 +150,13 @@ class Trainer:
         checkpoint: Callable[[], None] | None = None,
         checkpoint_interval: int = 0,
     ) -> FitResult:
-        """Train from self.step to max_steps. `next_batch` gives one micro-batch on the device."""
-        model, cfg = self.step_fn_model, self.cfg
+        """Train from self.step to max_steps. `next_batch` gives one micro-batch on the device
+        (this rank's share of the global one under DDP). Every rank calls `log` and `checkpoint`;
+        the stage decides what rank > 0 does with them. `tokens_per_step` counts all ranks."""
+        cfg = self.cfg
         peak = peak_flops(self.device)
         start = time.perf_counter()
-        t_last, step_last = start, self.step
-        running = torch.zeros((), device=self.device)  # summed on device: no sync per step
+        t_last, step_last, first_step = start, self.step, self.step
         train_loss = float("nan")
         metrics: dict[str, float] = {}
         self.model.train()
@@ -122,45 +164,84 @@ class Trainer:
             lr = lr_at(self.step, cfg, self.max_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            for _ in range(cfg.grad_accum):
-                batch = next_batch()
-                with self.autocast:
-                    loss = loss_fn(model, batch) / cfg.grad_accum
-                loss.backward()
-                running += loss.detach()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
+            self._train_step(next_batch, loss_fn)
 
-            if self.step % log_interval == 0 or self.step == self.max_steps:
-                n = self.step - step_last
-                train_loss = running.item() / n  # the one host sync, at log intervals only
-                if not math.isfinite(train_loss):
-                    raise BigModelError(
-                        f"training diverged: loss is {train_loss} at step {self.step} "
-                        f"(lower the learning rate; the last good checkpoint is kept)"
-                    )
+            last = self.step == self.max_steps
+            due_log = self.step % log_interval == 0 or last
+            due_checkpoint = bool(checkpoint and checkpoint_interval) and (
+                self.step % checkpoint_interval == 0 or last)
+            if due_log or due_checkpoint:
+                # The one host sync, at intervals only; raises on a non-finite loss, and before
+                # a checkpoint also on non-finite weights, so no bad checkpoint is ever written.
+                window = self._check_finite(weights=due_checkpoint)
+            if due_log:
+                train_loss = window / (self.step - self.window_start)
                 now = time.perf_counter()
-                tok_s = n * tokens_per_step / (now - t_last)
+                tok_s = (self.step - step_last) * tokens_per_step / (now - t_last)
                 row = {"train_loss": train_loss, "lr": lr, "tokens_per_s": tok_s}
                 if peak and flops_per_token:
-                    row["mfu"] = tok_s * flops_per_token / peak
+                    row["mfu"] = tok_s * flops_per_token / (peak * self.world.size)
                 log(row, self.step)
-                running.zero_()
+                self.window_sum.zero_()
+                self.window_start = self.step
                 t_last, step_last = now, self.step
-            if self.step % eval_interval == 0 or self.step == self.max_steps:
+            if self.step % eval_interval == 0 or last:
                 metrics = self.run_eval(evaluate)
                 if metrics:
                     log(metrics, self.step)
-            if checkpoint and checkpoint_interval and (
-                self.step % checkpoint_interval == 0 or self.step == self.max_steps
-            ):
-                checkpoint()
+            if due_checkpoint:
+                checkpoint()  # type: ignore[misc]
         seconds = time.perf_counter() - start
-        return FitResult(self.step, train_loss, metrics, tokens_per_step * self.step / max(seconds, 1e-9),
-                         seconds)
+        return FitResult(self.step, train_loss, metrics,
+                         tokens_per_step * (self.step - first_step) / max(seconds, 1e-9), seconds)
+
+    def _train_step(self, next_batch: Callable[[], Any],
+                    loss_fn: Callable[[nn.Module, Any], torch.Tensor]) -> None:
+        cfg, ddp = self.cfg, self.wrapped is not self.model
+        for micro in range(cfg.grad_accum):
+            # DDP all-reduces gradients on the last micro-step only
+            final = micro == cfg.grad_accum - 1
+            with self.wrapped.no_sync() if ddp and not final else nullcontext():  # type: ignore[operator]
+                batch = next_batch()
+                with self.autocast:
+                    loss = loss_fn(self.step_fn_model, batch) / cfg.grad_accum
+                loss.backward()
+            self.window_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        # A non-finite sum stays non-finite until the window is read, so the smallest step at
+        # which it was not finite is the first bad step (device-side: no sync).
+        bad_now = torch.where(torch.isfinite(self.window_sum), NO_STEP, self.step)
+        torch.minimum(self.bad_step, bad_now, out=self.bad_step)
+
+    def _check_finite(self, weights: bool) -> float:
+        """The train loss summed over this log window (mean over ranks), read with one host
+        sync; a BigModelError naming the step if any rank saw a non-finite loss, or (`weights`)
+        if a weight is not finite."""
+        bad_weights = torch.zeros((), dtype=torch.bool, device=self.device)
+        if weights:
+            bad_weights = torch.stack([~torch.isfinite(p).all() for p in self.model.parameters()]).any()
+        stats = torch.stack([self.window_sum.double(), self.bad_step.double(), bad_weights.double()])
+        rows = self.world.gather(stats).tolist()  # (world, 3): one all-gather under DDP
+        window = sum(r[0] for r in rows) / len(rows)
+        bad_step = int(min(r[1] for r in rows))
+        if bad_step != NO_STEP:
+            loss = window / (self.step - self.window_start)
+            raise BigModelError(f"training diverged: loss is {loss} at step {bad_step} "
+                                f"(lower the learning rate); {self._kept()}")
+        if any(r[2] for r in rows):
+            raise BigModelError(f"training diverged: weights are not finite at step {self.step} "
+                                f"(lower the learning rate); {self._kept()}")
+        return window
+
+    def _kept(self) -> str:
+        if self.last_good is None:
+            return "no checkpoint was written before it"
+        step, directory = self.last_good
+        return f"the last good checkpoint (step {step}) is kept in {directory}"
 
     def run_eval(self, evaluate: Callable[[], dict[str, float]]) -> dict[str, float]:
         self.model.eval()
@@ -172,32 +253,50 @@ class Trainer:
     # --- checkpoints: safetensors weights, torch-saved optimizer/RNG (loaded weights_only) ---
 
     def save_checkpoint(self, directory: Path, extra_state: dict[str, Any]) -> None:
+        """Write the checkpoint atomically. Call it on every rank: it gathers each rank's RNG
+        states (and log window); rank 0 alone writes. Tensors in `extra_state` go to trainer.pt,
+        everything else to state.json."""
+        rngs = self.world.gather_objects(rng_state())
+        window = self.world.gather(self.window_sum).mean(0)
+        self.last_good = (self.step, directory)
+        if not self.world.is_main:
+            return
         with atomic_path(directory) as tmp:
             tmp.mkdir()
             save_model(self.model, str(tmp / "model.safetensors"))
             torch.save(
                 {
                     "optimizer": self.optimizer.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "rng": rngs,  # one entry per rank
+                    "loss_window": {"sum": window.cpu(), "start": self.window_start},
                     "extra_tensors": {k: v for k, v in extra_state.items() if torch.is_tensor(v)},
                 },
                 tmp / "trainer.pt",
             )
             plain = {k: v for k, v in extra_state.items() if not torch.is_tensor(v)}
-            (tmp / "state.json").write_text(json.dumps({"step": self.step, **plain}, indent=2))
+            meta = {"step": self.step, "world_size": self.world.size,
+                    "next_lr": lr_at(self.step, self.cfg, self.max_steps)}
+            (tmp / "state.json").write_text(json.dumps({**meta, **plain}, indent=2))
 
     def load_checkpoint(self, directory: Path) -> dict[str, Any]:
+        """Restore what save_checkpoint wrote (on every rank); return the stage's extra state."""
         if not (directory / "state.json").is_file():
             raise BigModelError(f"{directory}: no checkpoint to resume from")
         load_model(self.model, str(directory / "model.safetensors"), device=str(self.device))
         blob = torch.load(directory / "trainer.pt", weights_only=True, map_location="cpu")
+        if "rng" not in blob:
+            raise BigModelError(f"{directory}: written by an older bigmodel that did not save "
+                                f"every RNG state; start again without --resume")
         self.optimizer.load_state_dict(blob["optimizer"])
-        torch.set_rng_state(blob["torch_rng"])
-        if blob["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(blob["cuda_rng"])
+        rngs = blob["rng"]
+        set_rng_state(rngs[self.world.rank % len(rngs)])  # another world size: rank mod old size
+        self.window_sum.copy_(blob["loss_window"]["sum"])
+        self.window_start = int(blob["loss_window"]["start"])
         state = json.loads((directory / "state.json").read_text())
         self.step = int(state.pop("step"))
+        for key in ("world_size", "next_lr"):
+            state.pop(key, None)
+        self.last_good = (self.step, directory)
         return {**state, **blob["extra_tensors"]}
 
 

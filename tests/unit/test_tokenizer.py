@@ -40,3 +40,17 @@ def test_tokenize_writes_flat_uint16_shards_equal_to_the_encodings(tiny_tokenize
     assert meta["splits"]["val"] == {"tokens": len(expected),
                                      "bytes": sum(len(t.encode()) for t in tiny_texts[1::3])}
     assert meta["eot_id"] == tiny_tokenizer.token_to_id(EOT)
+
+
+def test_char_tokenizer_has_one_token_per_character_and_maps_unseen_ones_to_unk(tmp_path):
+    from bigmodel.tokenizer import UNK, train_char
+
+    tok = train_char(iter(["Prince Andrew", "naïve\tpeace\n"]))
+    text = "peace Andrew\n"
+    enc = tok.encode(text)
+    assert enc.tokens[:-1] == list(text) and enc.ids[-1] == tok.token_to_id(EOT)
+    assert tok.decode(enc.ids[:-1]) == text
+    assert tok.get_vocab_size() == len(set("Prince Andrewnaïve\tpeace\n")) + 3  # + eot, pad, unk
+    assert tok.encode("Zq").tokens[:-1] == [UNK, UNK]  # never seen in training
+    pd.DataFrame({"text": ["naïve"]}).to_parquet(tmp_path / "v.parquet")
+    assert bytes_per_token(tok, tmp_path / "v.parquet") == 6 / 5  # ï: two bytes, one token

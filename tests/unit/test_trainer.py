@@ -1,12 +1,16 @@
+import json
 import math
+import random
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from bigmodel.config import Optim
 from bigmodel.errors import BigModelError
 from bigmodel.models.gpt import GPT, GPTConfig
+from bigmodel.train.distributed import World
 from bigmodel.train.pretrain import WindowSampler, lm_loss
 from bigmodel.train.trainer import Trainer, lr_at
 
@@ -15,10 +19,15 @@ OPT = Optim(lr=3e-2, min_lr=3e-3, warmup_steps=3, batch_size=4, device="cpu")
 DATA = np.tile(np.arange(20, dtype=np.uint16), 50)  # a sequence a tiny model can memorise
 
 
-def fit(trainer, sampler, log=None, checkpoint=None, interval=0):  # noqa: ANN001, ANN201
-    return trainer.fit(sampler, lm_loss, evaluate=lambda: {}, eval_interval=1000,
-                       log=log or (lambda m, s: None), log_interval=1, tokens_per_step=32,
-                       checkpoint=checkpoint, checkpoint_interval=interval)
+def fit(trainer, sampler, log=None, checkpoint=None, interval=0, log_interval=1,  # noqa: ANN001, ANN201
+        loss_fn=lm_loss):
+    return trainer.fit(sampler, loss_fn, evaluate=lambda: {}, eval_interval=1000,
+                       log=log or (lambda m, s: None), log_interval=log_interval,
+                       tokens_per_step=32, checkpoint=checkpoint, checkpoint_interval=interval)
+
+
+def saver(trainer, sampler, directory):  # noqa: ANN001, ANN201
+    return lambda: trainer.save_checkpoint(directory, {"sampler_rng": sampler.gen.get_state()})
 
 
 def fresh(max_steps: int) -> tuple[Trainer, WindowSampler]:
@@ -69,6 +78,89 @@ def test_resume_after_a_crash_reaches_the_same_weights_bitwise(tmp_path):
     fit(resumed, sampler)
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_resume_inside_a_log_window_logs_the_same_losses_and_restores_every_rng(tmp_path):
+    full, sampler = fresh(20)
+    want: list = []
+    fit(full, sampler, log=lambda m, s: want.append((s, m["train_loss"])), log_interval=4)
+
+    crashed, sampler = fresh(20)
+    ckpt = tmp_path / "ckpt"
+    save = saver(crashed, sampler, ckpt)
+
+    def save_then_draw():  # noqa: ANN202
+        save()
+        snapshot["draws"] = (torch.rand(3), np.random.rand(3), random.random())
+
+    def killed_in_step_9():  # noqa: ANN202
+        if crashed.step == 8:
+            raise KeyboardInterrupt("killed")
+        return sampler()
+
+    snapshot: dict = {}
+    with pytest.raises(KeyboardInterrupt):  # the last checkpoint: step 5
+        fit(crashed, killed_in_step_9, checkpoint=save_then_draw, interval=5, log_interval=4)
+
+    resumed, sampler = fresh(20)
+    random.seed(99)
+    np.random.seed(99)
+    state = resumed.load_checkpoint(ckpt)
+    draws = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(draws[0], snapshot["draws"][0])
+    assert np.array_equal(draws[1], snapshot["draws"][1]) and draws[2] == snapshot["draws"][2]
+    assert (resumed.step, resumed.window_start) == (5, 4)  # steps 5.. of the window 5-8 pending
+    sampler.gen.set_state(state["sampler_rng"])
+    got: list = []
+    fit(resumed, sampler, log=lambda m, s: got.append((s, m["train_loss"])), log_interval=4)
+    assert got == want[1:]  # (8, loss over steps 5-8) and on: bitwise the same numbers
+
+
+def test_a_nan_between_logs_stops_the_checkpoint_and_keeps_the_last_good_one(tmp_path):
+    trainer, sampler = fresh(30)
+    ckpt = tmp_path / "ckpt"
+
+    def poisoned(model, batch):  # noqa: ANN001, ANN202
+        return lm_loss(model, batch) * (float("nan") if trainer.step >= 12 else 1.0)
+
+    with pytest.raises(BigModelError) as err:  # step 13 is the first bad one; no log before 15
+        fit(trainer, sampler, checkpoint=saver(trainer, sampler, ckpt), interval=5,
+            log_interval=100, loss_fn=poisoned)
+    assert str(err.value) == ("training diverged: loss is nan at step 13 (lower the learning "
+                              f"rate); the last good checkpoint (step 10) is kept in {ckpt}")
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 10
+    assert all(w.isfinite().all() for w in load_file(ckpt / "model.safetensors").values())
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    trainer, sampler = fresh(30)
+    ckpt = tmp_path / "ckpt"
+
+    def corrupt(optimizer, args, kwargs):  # noqa: ANN001, ANN202 - after step 7's update
+        if trainer.step == 6:
+            with torch.no_grad():
+                trainer.model.wpe.weight[0, 0] = float("inf")
+
+    trainer.optimizer.register_step_post_hook(corrupt)
+    with pytest.raises(BigModelError, match=r"weights are not finite at step 10 .*\(step 5\)"):
+        fit(trainer, sampler, checkpoint=saver(trainer, sampler, ckpt), interval=5,
+            log_interval=100, loss_fn=lambda m, b: lm_loss(m, b) if trainer.step < 7 else
+            lm_loss(m, b).nan_to_num())  # a loss that hides it: only the weights tell
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 5
+
+
+def test_ranks_split_each_global_batch_and_together_draw_the_single_process_batch():
+    single = WindowSampler(DATA, 8, 4, seed=1, device=torch.device("cpu"))
+    ranks = [WindowSampler(DATA, 8, 4, seed=1, device=torch.device("cpu"), world=World(r, r, 2))
+             for r in range(2)]
+    for _ in range(3):
+        x, y = single()
+        parts = [r() for r in ranks]
+        assert [p[0].shape[0] for p in parts] == [2, 2]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x)
+        assert torch.equal(torch.cat([p[1] for p in parts]), y)
+    with pytest.raises(BigModelError, match="batch_size = 4 does not split over 3 processes"):
+        WindowSampler(DATA, 8, 4, seed=1, device=torch.device("cpu"), world=World(0, 0, 3))
 
 
 def test_a_diverging_run_stops_with_a_clear_error():
