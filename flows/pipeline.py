@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -196,18 +197,28 @@ def metrics_of(params: config.Params) -> dict[str, dict]:
     return out
 
 
-def main() -> int:
+def run_main(run: Callable[[], Any], describe: Callable[[Any], list[str]],
+             params_file: Path = ROOT / "params.yaml") -> int:
+    """A flow as a command: user errors exit 2 and failed stages 1, each with one line. The
+    params file is checked first, so a bad one stops before Prefect starts (and logs a trace)."""
     try:
-        outcomes = pipeline()
+        config.load(params_file)
+        result = run()
     except BigModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (StageFailed, TransientStageFailure) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print("  ".join(f"{o.stage}: {o.status}" for o in outcomes))
-    print(f"report: {ROOT / 'reports' / 'pipeline_report.md'}")
+    print("\n".join(describe(result)))
     return 0
+
+
+def main() -> int:
+    return run_main(pipeline, lambda outcomes: [
+        "  ".join(f"{o.stage}: {o.status}" for o in outcomes),
+        f"report: {ROOT / 'reports' / 'pipeline_report.md'}",
+    ])
 
 
 if __name__ == "__main__":

@@ -23,9 +23,8 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
 from bigmodel import config, tracking
-from bigmodel.errors import BigModelError
 from bigmodel.io import read_json
-from flows.pipeline import ROOT, StageFailed, TransientStageFailure, execute, finish, gate, stage_env
+from flows.pipeline import ROOT, StageFailed, execute, finish, gate, run_main, stage_env
 
 
 @dataclass
@@ -115,17 +114,8 @@ def retrain(params_file: str = "params.yaml", root: str | None = None,
 
 
 def main() -> int:
-    try:
-        result = retrain()
-    except BigModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (StageFailed, TransientStageFailure) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(result.summary)
-    print(f"report: {ROOT / 'reports' / 'retrain_report.md'}")
-    return 0
+    return run_main(retrain, lambda result: [
+        result.summary, f"report: {ROOT / 'reports' / 'retrain_report.md'}"])
 
 
 if __name__ == "__main__":

@@ -63,3 +63,17 @@ def test_only_transient_failures_are_retried(project, prefect_harness):
 
 def test_stage_order_is_the_dvc_yaml_order(project):
     assert stage_names(project) == ["ok", "flaky", "broken"]
+
+
+def test_a_bad_params_file_stops_the_flow_command_before_it_starts(tmp_path, capsys):
+    from flows.pipeline import run_main
+
+    (tmp_path / "params.yaml").write_text("pretrain:\n  lrr: 0.1\n")
+    started = []
+    code = run_main(lambda: started.append(1), lambda r: ["ran"], tmp_path / "params.yaml")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not started
+    assert len(err) == 1  # one line, no traceback
+    assert err[0].startswith(f"error: {tmp_path / 'params.yaml'}: unknown key 'pretrain.lrr' "
+                             "(allowed here: ")
+    assert "lr, max_steps" in err[0]
