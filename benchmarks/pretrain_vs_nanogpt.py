@@ -29,8 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from bigmodel import config
+from bigmodel.errors import BigModelError
 from bigmodel.evaluate import window_loss
 from bigmodel.models import gpt as gpt_lib
 from bigmodel.tokenizer import train_char
@@ -116,11 +118,17 @@ def main() -> int:
     raw = dict(BABY)
     for item in args.overrides:
         key, _, value = item.partition("=")
-        raw[key] = type(BABY[key])(value) if key in BABY else value
-    if args.mode == "time":
-        raw.update(max_steps=calibrate_steps(raw, args), eval_interval=10**9)
-    cfg = config.Pretrain(**{k: v for k, v in raw.items()})
+        raw[key] = yaml.safe_load(value)
+    try:  # the same one-line errors as params.yaml gives
+        config.validate({"pretrain": raw})
+    except BigModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     train_ids, val_ids, bytes_per_char, vocab = load(args.data)
+    if args.mode == "time":
+        raw.update(max_steps=calibrate_steps(raw, args.seconds, args.seed, train_ids, vocab),
+                   eval_interval=10**9)
+    cfg = config.Pretrain(**raw)
     res = train(cfg, train_ids, val_ids, vocab, args.seed,
                 cfg.eval_interval if args.mode == "config" else cfg.max_steps)
     bpb = lambda loss: loss / math.log(2) / bytes_per_char  # noqa: E731
@@ -153,23 +161,22 @@ def main() -> int:
     return 0
 
 
-def calibrate_steps(raw: dict, args: argparse.Namespace) -> int:
+def calibrate_steps(raw: dict, seconds: float, seed: int, train_ids: np.ndarray, vocab: int) -> int:
     """Steps that fit the time budget: time 60 steps of this config (after 10 warm-up steps)."""
     probe = config.Pretrain(**{**raw, "max_steps": 70, "eval_interval": 10**9, "log_interval": 10})
-    train_ids, val_ids, _, vocab = load(args.data)
-    seed_everything(args.seed)
+    seed_everything(seed)
     model = gpt_lib.GPT(gpt_lib.GPTConfig(vocab_size=vocab, block_size=probe.block_size,
                                           n_layer=probe.n_layer, n_head=probe.n_head,
                                           n_embd=probe.n_embd, dropout=probe.dropout))
     trainer = Trainer(model, probe, probe.max_steps)
-    sampler = WindowSampler(train_ids, probe.block_size, probe.batch_size, args.seed, trainer.device)
+    sampler = WindowSampler(train_ids, probe.block_size, probe.batch_size, seed, trainer.device)
     stamps: list[float] = []
     trainer.fit(sampler, lm_loss, evaluate=dict, eval_interval=10**9,
                 log=lambda row, step: stamps.append(time.perf_counter()), log_interval=10,
                 tokens_per_step=1)
     per_step = (stamps[-1] - stamps[0]) / 60
     overhead = 8.0  # final evaluation over the whole val split and setup, measured: about 5-8 s
-    return max(100, int((args.seconds - overhead) / per_step))
+    return max(100, int((seconds - overhead) / per_step))
 
 
 if __name__ == "__main__":
