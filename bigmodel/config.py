@@ -120,6 +120,10 @@ class Pretrain(Optim):
     eval_batches: int = Field(20, ge=1)
     log_interval: int = Field(10, ge=1)
     checkpoint_interval: int = Field(250, ge=1)
+    # Under torchrun: ddp (a full replica per process) or fsdp (parameters, gradients and
+    # optimizer state sharded over the processes, for a model that does not fit one device).
+    # One process ignores it.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "Pretrain":

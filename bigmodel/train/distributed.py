@@ -10,12 +10,20 @@ The rules every distributed stage follows:
   DDP averages the gradients, so a step is the step one process would take on the whole batch;
 - only rank 0 writes: checkpoints, final outputs, metrics files, MLflow runs;
 - every rank resumes from the same checkpoint; checkpoints hold every rank's RNG states.
+
+Two ways to spread the model (`pretrain.parallel`): `ddp` keeps a full replica in every process
+and all-reduces gradients; `fsdp` (FSDP2, `torch.distributed.fsdp.fully_shard` on each
+transformer block and then on the whole model) keeps 1/N of the parameters, gradients and AdamW
+state in each process and gathers a block's weights only while it runs, for a model that does
+not fit one device. Checkpoints are full state dicts either way, so a run saved under one
+resumes under the other, or in one process.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,15 +54,28 @@ class World:
             return torch.device("cuda", self.local_rank)
         return device
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """DDP around the model (which stays the one to save and evaluate); the model itself
-        in a single process."""
+    def wrap(self, model: nn.Module, parallel: str, device: torch.device) -> nn.Module:
+        """The module a training step calls. One process: the model itself. `ddp`: DDP around
+        the model (which stays the one to save and evaluate). `fsdp`: the model itself, sharded
+        in place; its parameters become DTensors holding this rank's shard."""
         if not self.distributed:
+            return model
+        if parallel == "fsdp":
+            shard(model, device)
             return model
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        device = next(model.parameters()).device
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def grad_sync(self, wrapped: nn.Module, sync: bool) -> AbstractContextManager:
+        """Gradient accumulation: reduce gradients over the ranks on the last micro-step only
+        (`sync`); the micro-steps before it accumulate locally."""
+        if not self.distributed:
+            return nullcontext()
+        if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+            wrapped.set_requires_gradient_sync(sync)
+            return nullcontext()
+        return nullcontext() if sync else wrapped.no_sync()  # type: ignore[operator]
 
     def share(self, global_batch: int, key: str) -> int:
         """This rank's part of a global batch, which must split evenly."""
@@ -81,6 +102,26 @@ class World:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+
+def shard(model: nn.Module, device: torch.device) -> None:
+    """FSDP2 over all ranks on `device`: every transformer block is one unit (its weights are
+    gathered just before it runs and freed after), then the model itself (embeddings, final
+    norm, head). Each unit moves to the device as it is sharded. Every rank must hold the same
+    initial weights: the shards are cut from each rank's own copy."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from bigmodel.models.layers import Block
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    if not blocks:
+        raise BigModelError(f"{type(model).__name__} has no transformer blocks to shard; "
+                            f"use parallel: ddp")
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def init(device_type: str) -> World:

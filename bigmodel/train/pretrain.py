@@ -85,9 +85,9 @@ def run(params: Params, resume: bool = False) -> str:
 
 def train(params: Params, resume: bool, world: World) -> str:
     cfg = params.pretrain
-    # Rank 0 starts from the seed a single process uses; DDP gives every rank rank 0's
-    # weights, and the other ranks get their own dropout streams.
-    seed_everything(params.seed + world.rank)
+    # Every rank builds the model from the seed a single process uses (FSDP cuts each rank's
+    # shard from its own copy); then the other ranks get their own dropout streams.
+    seed_everything(params.seed)
     tokens_dir, out = params.path("tokens"), params.path("pretrain")
     train_data, meta = load_split(tokens_dir, "train")
     val_data, _ = load_split(tokens_dir, "val")
@@ -98,7 +98,9 @@ def train(params: Params, resume: bool, world: World) -> str:
                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                              dropout=cfg.dropout)
     model = gpt_lib.GPT(gcfg)
-    trainer = Trainer(model, cfg, cfg.max_steps, world)
+    if world.rank:
+        seed_everything(params.seed + world.rank)
+    trainer = Trainer(model, cfg, cfg.max_steps, world, cfg.parallel)
     sampler = WindowSampler(train_data, cfg.block_size, cfg.batch_size, params.seed,
                             trainer.device, world)
     val_sampler = WindowSampler(val_data, cfg.block_size, cfg.batch_size, params.seed + 1,
@@ -133,9 +135,11 @@ def train(params: Params, resume: bool, world: World) -> str:
             flops_per_token=model.flops_per_token(),
             checkpoint=checkpoint, checkpoint_interval=cfg.checkpoint_interval,
         )
+        final = trainer.full_model(lambda: gpt_lib.GPT(gcfg))  # gathers the shards under FSDP
         if not mlrun:
             return f"rank {world.rank}: step {result.step}"
-        return publish(params, model, gcfg, result, history, mlrun)
+        assert isinstance(final, gpt_lib.GPT)
+        return publish(params, final, gcfg, result, history, mlrun)
 
 
 @contextmanager

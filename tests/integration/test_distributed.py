@@ -1,6 +1,8 @@
-"""DDP on the CPU: `bigmodel pretrain --nproc 2` (two gloo processes under torchrun) follows the
-single-process loss curve at the same global batch, rank 0 alone logs and writes, and a run whose
-processes are SIGKILLed resumes on both ranks from rank 0's checkpoint."""
+"""Several processes on the CPU: `bigmodel pretrain --nproc 2` (two gloo processes under
+torchrun), with DDP replicas or FSDP shards, follows the single-process loss curve at the same
+global batch, rank 0 alone logs and writes, and a run whose processes are SIGKILLed resumes from
+rank 0's checkpoint: on both ranks, or (a full state dict gathered from FSDP shards) in one
+process."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 
 from tests.integration.test_resume_kill import (
     HANG,
@@ -35,12 +39,33 @@ SETTINGS = {"grad_accum": 2, "log_interval": 2}
 TOLERANCE = 1e-4
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+# Each rank notes how many parameter values it holds when training starts.
+COUNT = """
+import os
+from bigmodel.train import trainer
+fit = trainer.Trainer.fit
+def counting(self, *args, **kwargs):
+    held = sum(trainer.local(p).numel() for p in self.model.parameters())
+    with open(f"held.{os.environ.get('RANK', '0')}", "w") as f:
+        f.write(str(held))
+    return fit(self, *args, **kwargs)
+trainer.Trainer.fit = counting
+"""
+
+
 @pytest.fixture(scope="module")
-def single_curve(tmp_path_factory) -> dict[int, dict[str, float]]:  # noqa: ANN001
+def single(tmp_path_factory) -> Path:  # noqa: ANN001
     root = tiny_project(tmp_path_factory.mktemp("single"), **SETTINGS)
-    done = pretrain(root)
+    done = pretrain(root, patch=COUNT)
     assert done.returncode == 0, done.stderr
-    return curve(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def single_curve(single: Path) -> dict[int, dict[str, float]]:
+    return curve(single)
 
 
 def curve(root: Path) -> dict[int, dict[str, float]]:
@@ -67,30 +92,51 @@ def registered_versions(root: Path) -> list[str]:
     return [str(v.version) for v in client.search_model_versions("name='bigmodel-gpt'")]
 
 
+def held(root: Path) -> list[int]:
+    return [int((root / f"held.{rank}").read_text()) for rank in range(len(list(root.glob("held.*"))))]
+
+
 @pytest.mark.slow
-def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path, single_curve):
-    root = tiny_project(tmp_path / "ddp", **SETTINGS)
-    done = pretrain(root, "--nproc", "2")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path, single, single_curve,
+                                                                 parallel):
+    root = tiny_project(tmp_path / parallel, **SETTINGS, parallel=parallel)
+    script = tmp_path / "counting_pretrain.py"
+    script.write_text(SCRIPT.format(patch=COUNT))
+    done = subprocess.run(  # torchrun as `--nproc 2` runs it, on the script that counts
+        [*TORCHRUN, "--local-ranks-filter", "0", str(script), "pretrain",
+         "--params", str(root / "params.yaml")],
+        cwd=root, env=env(), capture_output=True, text=True, timeout=300, check=False)
 
     assert done.returncode == 0, done.stderr
     assert_same_curve(curve(root), single_curve)
+    [total] = held(single)
+    if parallel == "ddp":  # a full replica in each process
+        assert held(root) == [total, total]
+    else:  # each process holds its shard: about half, and together the whole model once
+        assert sum(held(root)) == total and max(held(root)) < 0.6 * total
+    # the final model (gathered from the shards under FSDP) is the single process's
+    weights, want = (load_file(r / "models/pretrain/model.safetensors") for r in (root, single))
+    assert weights.keys() == want.keys()
+    for name, tensor in want.items():
+        torch.testing.assert_close(weights[name], tensor, atol=TOLERANCE, rtol=0, msg=name)
     # rank 0 alone: one MLflow run, one registered version, one summary line
     assert len(pretrain_runs(root)) == 1 and registered_versions(root) == ["1"]
     assert done.stdout.count("pretrain: done") == 1
     state = json.loads((root / "models/pretrain/checkpoint/state.json").read_text())
-    assert (state["step"], state["world_size"]) == (30, 2)
+    assert (state["step"], state["world_size"], state["parallel"]) == (30, 2, parallel)
 
 
 @pytest.mark.slow
-def test_both_ranks_resume_after_sigkill_and_stay_on_the_single_process_curve(
-        tmp_path, single_curve):
-    root = tiny_project(tmp_path / "ddp", **SETTINGS)
+@pytest.mark.parametrize(("parallel", "resume_nproc"), [("ddp", 2), ("fsdp", 1)])
+def test_a_run_killed_on_both_ranks_resumes_on_the_single_process_curve(
+        tmp_path, single_curve, parallel, resume_nproc):
+    root = tiny_project(tmp_path / parallel, **SETTINGS, parallel=parallel)
     script = tmp_path / "hanging_pretrain.py"
     hang = HANG.format(draw=hang_draw(18, SETTINGS["grad_accum"]))
     script.write_text(SCRIPT.format(patch=hang))
     torchrun = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), "pretrain", "--params", str(root / "params.yaml")],
+        [*TORCHRUN, str(script), "pretrain", "--params", str(root / "params.yaml")],
         cwd=root, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with reaped(root, torchrun):
         pids = wait_until_hung(root, torchrun, ranks=2)  # both in step 18
@@ -99,7 +145,8 @@ def test_both_ranks_resume_after_sigkill_and_stay_on_the_single_process_curve(
             os.kill(pid, signal.SIGKILL)
         assert torchrun.wait(timeout=60) != 0
 
-    resumed = pretrain(root, "--nproc", "2", "--resume")
+    # FSDP's checkpoint is a full state dict: one process resumes it
+    resumed = pretrain(root, "--nproc", str(resume_nproc), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_curve(curve(root), single_curve)  # steps 1-15 come from the checkpoint
     assert len(pretrain_runs(root)) == 2 and registered_versions(root) == ["1"]

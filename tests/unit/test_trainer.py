@@ -175,3 +175,27 @@ def test_asking_for_cuda_without_one_is_a_user_error():
         pytest.skip("this machine has CUDA")
     with pytest.raises(BigModelError, match="no CUDA device"):
         Trainer(GPT(CFG), Optim(device="cuda"), 1)
+
+
+def test_a_checkpoint_stores_the_tied_matrix_once_and_loads_as_a_plain_model(tmp_path):
+    from bigmodel.models.gpt import load_weights
+
+    trainer, sampler = fresh(3)
+    fit(trainer, sampler, checkpoint=saver(trainer, sampler, tmp_path / "ckpt"), interval=3)
+    stored = load_file(tmp_path / "ckpt/model.safetensors")
+    assert "wte.weight" in stored and "lm_head.weight" not in stored
+    plain = GPT(CFG)
+    load_weights(plain, tmp_path / "ckpt")  # strict: every parameter, nothing extra
+    assert plain.lm_head.weight is plain.wte.weight
+    assert torch.equal(plain.wte.weight, trainer.model.wte.weight.detach())
+
+
+def test_a_checkpoint_from_before_named_optimizer_state_is_refused_in_one_line(tmp_path):
+    trainer, sampler = fresh(3)
+    ckpt = tmp_path / "ckpt"
+    fit(trainer, sampler, checkpoint=saver(trainer, sampler, ckpt), interval=3)
+    blob = torch.load(ckpt / "trainer.pt", weights_only=True)
+    blob["optimizer"] = trainer.optimizer.state_dict()  # the old layout: state keyed 0, 1, ...
+    torch.save(blob, ckpt / "trainer.pt")
+    with pytest.raises(BigModelError, match="written by an older bigmodel"):
+        fresh(3)[0].load_checkpoint(ckpt)
