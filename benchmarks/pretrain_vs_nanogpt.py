@@ -12,7 +12,9 @@
 Data as nanoGPT's shakespeare_char prepares it: first 90% of characters train, last 10% val.
 The character vocabulary comes from the train part (bigmodel's `char` tokenizer; unseen
 characters map to <|unk|>). Prints a markdown block: tokens/s (median over log intervals, and
-overall), wall time including evaluation, val loss (nats/char) as nanoGPT estimates it (20
+overall; a log interval's figure counts training time only), its 10th and 90th percentiles
+over the log intervals (the host's load shows as a second, slower band), wall time including
+evaluation, val loss (nats/char) as nanoGPT estimates it (20
 random batches) and over the whole val split, val bits per byte, peak RSS.
 """
 
@@ -93,7 +95,9 @@ def train(cfg: config.Pretrain, train_ids: np.ndarray, val_ids: np.ndarray, voca
     with torch.no_grad():
         full_val = window_loss(model, val_ids, cfg.block_size, 64)
     rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    deciles = statistics.quantiles(rates, n=10)
     return {"steps": result.step, "wall_s": wall, "median_tokens_per_s": statistics.median(rates),
+            "p10_tokens_per_s": deciles[0], "p90_tokens_per_s": deciles[-1],
             "overall_tokens_per_s": result.tokens_per_s, "est_val_loss": result.eval_metrics["est_val_loss"],
             "full_val_loss": full_val, "params": model.num_params()}
 
@@ -146,6 +150,9 @@ def main() -> int:
     print(f"| steps | {res['steps']} | 2000 | |")
     print(f"| tokens/s (median over log intervals) | {res['median_tokens_per_s']:,.0f} | "
           f"{ref['tokens_per_s']:,} | {res['median_tokens_per_s'] / ref['tokens_per_s']:.2f}x |")
+    print(f"| tokens/s, 10th / 90th percentile of log intervals | {res['p10_tokens_per_s']:,.0f} / "
+          f"{res['p90_tokens_per_s']:,.0f} | | {res['p10_tokens_per_s'] / ref['tokens_per_s']:.2f}x / "
+          f"{res['p90_tokens_per_s'] / ref['tokens_per_s']:.2f}x |")
     print(f"| tokens/s (overall, incl. evaluation) | {res['overall_tokens_per_s']:,.0f} | | |")
     print(f"| wall time, s | {res['wall_s']:.1f} | {ref['wall_s'][0]}, {ref['wall_s'][1]} | "
           f"{res['wall_s'] / (sum(ref['wall_s']) / 2):.2f}x |")

@@ -192,12 +192,14 @@ class Trainer:
                 self.window_sum.zero_()
                 self.window_start = self.step
                 t_last, step_last = now, self.step
+            paused = time.perf_counter()
             if self.step % eval_interval == 0 or last:
                 metrics = self.run_eval(evaluate)
                 if metrics:
                     log(metrics, self.step)
             if due_checkpoint:
                 checkpoint()  # type: ignore[misc]
+            t_last += time.perf_counter() - paused  # a log interval's tokens/s counts training only
         seconds = time.perf_counter() - start
         return FitResult(self.step, train_loss, metrics,
                          tokens_per_step * (self.step - first_step) / max(seconds, 1e-9), seconds)

@@ -199,3 +199,20 @@ def test_a_checkpoint_from_before_named_optimizer_state_is_refused_in_one_line(t
     torch.save(blob, ckpt / "trainer.pt")
     with pytest.raises(BigModelError, match="written by an older bigmodel"):
         fresh(3)[0].load_checkpoint(ckpt)
+
+
+def test_a_log_interval_after_an_evaluation_counts_training_time_only():
+    import time
+
+    trainer, sampler = fresh(20)
+    rates: dict[int, float] = {}
+
+    def slow_eval() -> dict:
+        time.sleep(1.0)  # some hundred times longer than a step of this model
+        return {}
+
+    trainer.fit(sampler, lm_loss, evaluate=slow_eval, eval_interval=10,
+                log=lambda m, s: rates.update({s: m["tokens_per_s"]}) if "tokens_per_s" in m else None,
+                log_interval=5, tokens_per_step=32)
+    # steps 11-15 come after the evaluation at step 10; steps 16-20 after none
+    assert rates[15] > 0.2 * rates[20]
