@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "pretrain":
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
             p.add_argument("--nproc", type=positive_int, default=1, metavar="N",
-                           help="train in N processes under torchrun, DDP or FSDP as pretrain.parallel says (default: 1)")
+                           help="train in N processes under torchrun: DDP, or FSDP with "
+                                "pretrain.parallel=fsdp (default: 1)")
         if name == "generate":
             p.add_argument("--prompt", required=True)
             p.add_argument("--max-new-tokens", type=int, default=64)
