@@ -208,11 +208,29 @@ def test_a_log_interval_after_an_evaluation_counts_training_time_only():
     rates: dict[int, float] = {}
 
     def slow_eval() -> dict:
-        time.sleep(1.0)  # some hundred times longer than a step of this model
+        if trainer.step == 10:
+            time.sleep(3.0)  # far longer than 5 steps of this model, even on a loaded machine
         return {}
 
     trainer.fit(sampler, lm_loss, evaluate=slow_eval, eval_interval=10,
                 log=lambda m, s: rates.update({s: m["tokens_per_s"]}) if "tokens_per_s" in m else None,
                 log_interval=5, tokens_per_step=32)
-    # steps 11-15 come after the evaluation at step 10; steps 16-20 after none
-    assert rates[15] > 0.2 * rates[20]
+    # steps 11-15 come after the evaluation at step 10: the time their tokens/s implies is the
+    # steps' own, not the 3 s evaluation's
+    assert 5 * 32 / rates[15] < 1.5
+
+
+def test_device_selection_and_the_peak_flops_table(monkeypatch):
+    from bigmodel.train.trainer import peak_flops, pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    assert peak_flops(torch.device("cpu")) is None  # no MFU on a CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device("cuda")
+    assert pick_device("cuda") == torch.device("cuda")
+    assert pick_device("cpu") == torch.device("cpu")  # asked for, even beside a GPU
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12),
+                       ("Some Future GPU", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert peak_flops(torch.device("cuda")) == peak
