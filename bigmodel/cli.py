@@ -1,4 +1,5 @@
-"""`bigmodel <stage>`: validate params first, then run one stage. User errors → one line, exit 2."""
+"""`bigmodel <stage> --name RUN`: validate params first, then run one stage instance (the DVC
+stage `<stage>@RUN`). User errors → one line, exit 2."""
 
 from __future__ import annotations
 
@@ -8,18 +9,8 @@ import sys
 import time
 
 from bigmodel.errors import BigModelError, TransientError
+from bigmodel.stages import KINDS
 
-# stage name → module whose `run(params, **kwargs)` does the work
-STAGES = {
-    "source": "bigmodel.data.source",
-    "prepare": "bigmodel.data.prepare",
-    "tokenizer": "bigmodel.tokenizer",
-    "tokenize": "bigmodel.tokenize",
-    "pretrain": "bigmodel.train.pretrain",
-    "finetune": "bigmodel.train.finetune",
-    "evaluate": "bigmodel.evaluate",
-    "explain": "bigmodel.explain",
-}
 EXIT_USER_ERROR = 2
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL: the flow retries only these
 
@@ -29,10 +20,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     extra = {"check": "validate params.yaml and exit",
              "promote": "move the champion alias to the new models if they score better",
-             "generate": "complete a prompt with the pretrained GPT"}
-    for name in [*STAGES, *extra]:
-        help_ = extra.get(name, f"run the {name} stage")
+             "generate": "complete a prompt with a pretrained GPT"}
+    for name in [*KINDS, *extra]:
+        help_ = extra.get(name, f"run one {name} stage (dvc: {name}@RUN)")
         p = sub.add_parser(name, help=help_)
+        if name in KINDS or name == "generate":
+            section = KINDS[name][1] if name in KINDS else "pretrain"
+            p.add_argument("--name", default=None, metavar="RUN",
+                           help=f"which {section} run of params.yaml (default: the only one)")
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         p.add_argument(
             "--set",
@@ -79,28 +74,33 @@ def main(argv: list[str] | None = None) -> int:
                 print(decision.line())
             return 0
         if args.command == "generate":
-            from bigmodel.generate import TextGenerator
+            from bigmodel.tasks.clm import TextGenerator
 
-            gen = TextGenerator.load(params.path("pretrain"))
+            gpts = {k: v for k, v in params.pretrain.items() if v.objective == "clm"}
+            name = config.pick_run(gpts, args.name, "pretrain (clm)")
+            gen = TextGenerator.load(params.path("pretrain", name))
             print(args.prompt + gen.complete(args.prompt, args.max_new_tokens, args.temperature,
                                              args.top_k, args.top_p, args.seed))
             return 0
+        module_name, section = KINDS[args.command]
+        name = config.pick_run(getattr(params, section), args.name, section)
         if args.command == "pretrain" and args.nproc > 1:
             from bigmodel.train import distributed
 
             # a batch that does not split fails here, before any process starts
-            distributed.World(size=args.nproc).share(params.pretrain.batch_size,
-                                                     "pretrain.batch_size")
+            distributed.World(size=args.nproc).share(params.pretrain[name].batch_size,
+                                                     f"pretrain.{name}.batch_size")
             return distributed.launch(args.nproc, [
-                "pretrain", "--params", args.params,
+                "pretrain", "--params", args.params, "--name", name,
                 *[a for o in args.overrides for a in ("--set", o)],
                 *(["--resume"] if args.resume else []),
             ])
-        module = importlib.import_module(STAGES[args.command])
+        module = importlib.import_module(module_name)
         kwargs = {"resume": args.resume} if args.command == "pretrain" else {}
         start = time.perf_counter()
-        summary = module.run(params, **kwargs)
-        print(f"{args.command}: done in {time.perf_counter() - start:.1f}s  {summary or ''}".rstrip())
+        summary = module.run(params, name, **kwargs)
+        print(f"{args.command}@{name}: done in {time.perf_counter() - start:.1f}s  "
+              f"{summary or ''}".rstrip())
         return 0
     except TransientError as e:
         print(f"error (transient): {e}", file=sys.stderr)

@@ -1,18 +1,29 @@
-"""The schema of params.yaml: load, override (`--set a.b=v`), validate, all before any work."""
+"""The schema of params.yaml: load, override (`--set a.b=v`), validate, all before any work.
+
+Stage kinds whose instances differ only by their params are named runs: `data.<name>`,
+`tokenizer.<name>`, `pretrain.<name>`, `finetune.<name>` are dicts of runs, which dvc.yaml
+expands with `foreach` into one stage per run (`pretrain@bert`). A run names the runs it builds
+on (a pretrain run its corpus and tokenizer, a finetune run its base model and labelled data),
+and a name that does not exist is refused here, in one line, before any work.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bigmodel.errors import BigModelError
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")  # a run name: a path part, a DVC key, a model name
+SPLIT_NAMES = ("train", "val", "test")
 
 
 class Section(BaseModel):
@@ -20,32 +31,38 @@ class Section(BaseModel):
 
 
 class Paths(Section):
-    """Where each stage writes; relative paths are resolved against the params file's folder."""
+    """Where each stage kind writes (a run's outputs go in a folder named after it); relative
+    paths are resolved against the params file's folder."""
 
-    source: str = "data/source.json"  # snapshot of the raw source (files, sizes, hashes)
-    prepared: str = "data/prepared"
-    tokenizer: str = "models/tokenizer"
-    tokens: str = "data/tokens"
+    data: str = "data"  # <data run>/source.json, <data run>/prepared/
+    tokenizer: str = "models/tokenizer"  # <tokenizer run>/tokenizer.json
+    tokens: str = "data/tokens"  # <pretrain run>/{train,val,test}.bin
     pretrain: str = "models/pretrain"
     finetune: str = "models/finetune"
     evaluate: str = "reports/evaluate"
     explain: str = "reports/explain"
-    metrics: str = "reports/metrics"  # <stage>.json: what `dvc metrics show` lists
-    plots: str = "reports/plots"  # <name>.csv: what `dvc plots show` renders
+    metrics: str = "reports/metrics"  # <stage kind>/<run>.json: what `dvc metrics show` lists
+    plots: str = "reports/plots"  # <stage kind>/<run>.csv: what `dvc plots show` renders
 
 
 class Tracking(Section):
     uri: str = ""  # empty: sqlite file mlflow.db in the project folder
     experiment: str = Field("bigmodel", min_length=1)
-    registered_model: str = Field("bigmodel-classifier", min_length=1)  # the finetuned classifier
-    registered_generator: str = Field("bigmodel-gpt", min_length=1)  # the pretrained GPT
+    model_prefix: str = Field("bigmodel-", min_length=1)  # registered as <prefix><run name>
 
+
+# --- data runs ------------------------------------------------------------------------------
 
 class FilesSource(Section):
-    glob: str = ""  # txt / csv / tsv / jsonl files, e.g. "data/raw/*.jsonl"
+    glob: str = ""  # txt / csv / tsv / jsonl / CoNLL files, e.g. "data/raw/*.jsonl"
+    # A fixed split: one glob per split (`{train: a/*.csv, val: b.csv, test: c.csv}`), kept as
+    # given instead of `glob`.
+    splits: dict[Literal["train", "val", "test"], str] = {}
+    format: Literal["auto", "conll"] = "auto"  # conll: a token a line, tag in the last column
     text_column: str = "text"
-    label_column: str = ""  # empty: no labelled set
+    label_column: str = ""  # empty: no sequence-classification set
     group_column: str = ""  # rows sharing a group stay in one split; empty: split by text
+    split_column: str = ""  # a column naming each row's split (train, val / dev, test)
 
 
 class HFSource(Section):
@@ -58,40 +75,68 @@ class HFSource(Section):
     group_column: str = ""
 
 
-class Prepare(Section):
+class DataRun(Section):
+    """One dataset: a pretraining corpus and the labelled tasks it carries. The built-in one
+    (the Python stdlib) carries a sequence-classification task (docstring → package family)
+    and a token-classification task (the names in a line of code → what they denote)."""
+
     source: Literal["builtin", "files", "hf"] = "builtin"
     files: FilesSource = FilesSource()
     hf: HFSource = HFSource()
-    min_chars: int = Field(32, ge=1)
-    max_chars: int = Field(20_000, ge=1)
-    label_min_chars: int = Field(20, ge=1)
+    min_chars: int = Field(32, ge=1)  # pretraining documents shorter/longer than this are dropped
+    max_chars: int = Field(200_000, ge=1)
+    label_min_chars: int = Field(20, ge=1)  # labelled texts likewise
     label_max_chars: int = Field(1_000, ge=1)
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0, lt=0.5)
-    max_per_class: int = Field(0, ge=0)  # cap labelled examples per class (0: no cap)
+    max_per_class: int = Field(700, ge=0)  # cap of labelled *training* examples per class (0: none)
+    max_tagged: int = Field(6000, ge=0)  # cap of tagged *training* sentences (0: none)
+    tag_max_words: int = Field(48, ge=4)  # longer tagged sentences are dropped
 
     @model_validator(mode="after")
-    def _check(self) -> "Prepare":
+    def _check(self) -> "DataRun":
         if self.min_chars > self.max_chars:
             raise ValueError("min_chars must not exceed max_chars")
         if self.label_min_chars > self.label_max_chars:
             raise ValueError("label_min_chars must not exceed label_max_chars")
-        if self.source == "files" and not self.files.glob:
-            raise ValueError("source 'files' needs prepare.files.glob")
+        if self.source == "files" and not (self.files.glob or self.files.splits):
+            raise ValueError("source 'files' needs files.glob (or files.splits)")
+        if self.files.glob and self.files.splits:
+            raise ValueError("files.glob and files.splits exclude each other (splits: one glob "
+                             "per split, kept as given)")
+        if self.files.splits and set(self.files.splits) != set(SPLIT_NAMES):
+            raise ValueError(f"files.splits needs a glob for each of train, val, test "
+                             f"(got {', '.join(sorted(self.files.splits))})")
         if self.source == "hf" and not self.hf.name:
-            raise ValueError("source 'hf' needs prepare.hf.name")
+            raise ValueError("source 'hf' needs hf.name")
         return self
 
+    def tasks(self) -> set[str]:
+        """The labelled tasks this dataset provides."""
+        if self.source == "builtin":
+            return {"seq_cls", "token_cls"}
+        if self.source == "files":
+            return {"token_cls"} if self.files.format == "conll" else (
+                {"seq_cls"} if self.files.label_column else set())
+        return {"seq_cls"} if self.hf.label_column else set()
 
-class TokenizerParams(Section):
-    kind: Literal["bpe", "char"] = "bpe"  # char: one token per character (vocab from the data)
-    vocab_size: int = Field(4096, ge=260, le=1 << 20)  # bpe only
+
+# --- tokenizer runs -------------------------------------------------------------------------
+
+class TokenizerRun(Section):
+    # bpe: byte-level BPE (GPT); wordpiece: BERT's, with [CLS] [SEP] [MASK] [PAD] [UNK];
+    # char: one token per character of the train split (nanoGPT's setup)
+    kind: Literal["bpe", "wordpiece", "char"] = "bpe"
+    data: str = "stdlib"  # the data run whose pretraining train split it is trained on
+    vocab_size: int = Field(4096, ge=260, le=1 << 20)  # bpe / wordpiece
     min_frequency: int = Field(2, ge=1)
 
 
 class Tokenize(Section):
     batch_size: int = Field(1024, ge=1)  # documents per encode_batch call
 
+
+# --- training runs --------------------------------------------------------------------------
 
 class Optim(Section):
     """What every training stage shares: optimiser, schedule, device."""
@@ -110,11 +155,14 @@ class Optim(Section):
     compile: bool = False
 
 
-class Pretrain(Optim):
+class PretrainBase(Optim):
+    corpus: str = "stdlib"  # the data run whose pretraining text it trains on
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
     n_embd: int = Field(128, ge=8)
     block_size: int = Field(128, ge=8)
+    lr: float = Field(3e-3, gt=0, le=1)
+    min_lr: float = Field(3e-4, ge=0, le=1)
     max_steps: int = Field(1000, ge=1)
     eval_interval: int = Field(100, ge=1)
     eval_batches: int = Field(20, ge=1)
@@ -126,22 +174,70 @@ class Pretrain(Optim):
     parallel: Literal["ddp", "fsdp"] = "ddp"
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "Pretrain":
+    def _heads_divide(self) -> "PretrainBase":
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         return self
 
 
-class Finetune(Optim):
-    epochs: int = Field(3, ge=1)
-    pooling: Literal["mean", "last"] = "mean"  # how token states become one vector
+class GPTPretrain(PretrainBase):
+    """A decoder-only transformer trained to predict the next token."""
+
+    family: Literal["gpt"] = "gpt"
+    objective: Literal["clm"] = "clm"
+    tokenizer: str = "bpe"
+
+
+class BERTPretrain(PretrainBase):
+    """An encoder trained on masked tokens (and, with mlm+nsp, on next-sentence prediction)."""
+
+    family: Literal["bert"] = "bert"
+    objective: Literal["mlm"] = "mlm"
+    nsp: bool = False  # also train next-sentence prediction on [CLS] (sentence pairs)
+    tokenizer: str = "wordpiece"
+    norm: Literal["post", "pre"] = "post"  # post: the original BERT layout
+    dropout: float = Field(0.1, ge=0, lt=1)
+    lr: float = Field(1e-3, gt=0, le=1)
+    min_lr: float = Field(1e-4, ge=0, le=1)
+    beta2: float = Field(0.98, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    batch_size: int = Field(32, ge=1)
+    mask_rate: float = Field(0.15, gt=0, lt=1)  # of the tokens, chosen for the loss
+
+    @model_validator(mode="after")
+    def _no_fsdp(self) -> "BERTPretrain":
+        if self.parallel == "fsdp":
+            raise ValueError("parallel = 'fsdp' is for GPT: BERT's MLM and NSP heads run outside "
+                             "the sharded forward pass; use parallel: ddp")
+        return self
+
+
+PretrainRun = Annotated[Union[GPTPretrain, BERTPretrain], Field(discriminator="family")]
+FAMILY_RUNS: dict[str, type[PretrainBase]] = {"gpt": GPTPretrain, "bert": BERTPretrain}
+# which tokenizer kinds a family can read: BERT needs [CLS] [SEP] [MASK]; GPT an end-of-text token
+FAMILY_TOKENIZERS = {"gpt": ("bpe", "char"), "bert": ("wordpiece",)}
+
+
+class FinetuneRun(Optim):
+    base: str  # the pretrain run whose model it starts from
+    task: Literal["seq_cls", "token_cls"] = "seq_cls"
+    data: str = "stdlib"  # the data run whose labelled set (for `task`) it trains on
+    epochs: int = Field(4, ge=1)
+    # how token states become one vector (seq_cls): the [CLS] state, the mean over real
+    # tokens, or the last real token's; auto: cls for BERT, mean for GPT
+    pooling: Literal["auto", "cls", "mean", "last"] = "auto"
     max_len: int = Field(128, ge=4)
     batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1)
+    min_lr: float = Field(1e-4, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.01, ge=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
 
 
 class Evaluate(Section):
     eval_tokens: int = Field(200_000, ge=0)  # LM tokens scored per split (0: all)
+    eval_batches: int = Field(50, ge=1)  # MLM batches scored on the test split
     batch_size: int = Field(32, ge=1)
 
 
@@ -152,48 +248,122 @@ class Explain(Section):
 
 
 class Promote(Section):
-    """The champion gate run by the flows after the stages (not a DVC stage: it moves aliases)."""
+    """The champion gate run by the flows after the stages (not a DVC stage: it moves aliases).
+    Each registered model is scored by its task's metric on the test split: macro-F1 for a
+    classifier, entity F1 for a tagger, bits per byte for a GPT."""
 
     alias: str = Field("champion", min_length=1)
-    metric: Literal["macro_f1", "accuracy"] = "macro_f1"  # classifier, test split, higher wins
-    margin: float = Field(0.01, ge=0, le=1)  # needed gain in that metric to move the alias
+    margin: float = Field(0.01, ge=0, le=1)  # needed gain in F1 to move the alias
     margin_bpb: float = Field(0.01, ge=0)  # GPT: needed drop in test bits per byte
     lm_eval_bytes: int = Field(200_000, ge=1_000)  # test text the GPTs are scored on
+
+
+def _default_tokenizers() -> dict[str, TokenizerRun]:
+    return {"bpe": TokenizerRun(kind="bpe"), "wordpiece": TokenizerRun(kind="wordpiece")}
+
+
+def _default_finetunes() -> dict[str, FinetuneRun]:
+    return {
+        "gpt-cls": FinetuneRun(base="gpt", task="seq_cls", pooling="mean"),
+        "bert-cls": FinetuneRun(base="bert", task="seq_cls", pooling="cls"),
+        "bert-tag": FinetuneRun(base="bert", task="token_cls", epochs=2, max_len=64),
+    }
 
 
 class Params(Section):
     seed: int = 1337
     paths: Paths = Paths()
     tracking: Tracking = Tracking()
-    prepare: Prepare = Prepare()
-    tokenizer: TokenizerParams = TokenizerParams()
+    data: dict[str, DataRun] = Field(default_factory=lambda: {"stdlib": DataRun()})
+    tokenizer: dict[str, TokenizerRun] = Field(default_factory=_default_tokenizers)
     tokenize: Tokenize = Tokenize()
-    pretrain: Pretrain = Pretrain()
-    finetune: Finetune = Finetune()
+    pretrain: dict[str, PretrainRun] = Field(
+        default_factory=lambda: {"gpt": GPTPretrain(), "bert": BERTPretrain()})
+    finetune: dict[str, FinetuneRun] = Field(default_factory=_default_finetunes)
     evaluate: Evaluate = Evaluate()
     explain: Explain = Explain()
     promote: Promote = Promote()
 
     _root: Path = Path(".")
 
+    @model_validator(mode="after")
+    def _runs_refer_to_runs(self) -> "Params":
+        for section in ("data", "tokenizer", "pretrain", "finetune"):
+            for name in getattr(self, section):
+                if not NAME.match(name):
+                    raise ValueError(f"{section}.{name}: a run name is lowercase letters, digits, "
+                                     f"'-' and '_', starting with a letter or digit")
+        for name, tok in self.tokenizer.items():
+            _must_name(self.data, tok.data, f"tokenizer.{name}.data", "data run")
+        for name, run in self.pretrain.items():
+            _must_name(self.data, run.corpus, f"pretrain.{name}.corpus", "data run")
+            _must_name(self.tokenizer, run.tokenizer, f"pretrain.{name}.tokenizer", "tokenizer run")
+            kind, allowed = self.tokenizer[run.tokenizer].kind, FAMILY_TOKENIZERS[run.family]
+            if kind not in allowed:
+                raise ValueError(f"pretrain.{name}.tokenizer = {run.tokenizer!r} is a {kind} "
+                                 f"tokenizer; a {run.family} model reads {' or '.join(allowed)}")
+        for name, ft in self.finetune.items():
+            _must_name(self.pretrain, ft.base, f"finetune.{name}.base", "pretrain run")
+            _must_name(self.data, ft.data, f"finetune.{name}.data", "data run")
+            if ft.task not in self.data[ft.data].tasks():
+                has = ", ".join(sorted(self.data[ft.data].tasks())) or "none"
+                raise ValueError(f"finetune.{name}.task = {ft.task!r}: data run {ft.data!r} has "
+                                 f"no such labelled set (it has: {has})")
+            block = self.pretrain[ft.base].block_size
+            if ft.max_len > block:
+                raise ValueError(f"finetune.{name}.max_len ({ft.max_len}) exceeds the block_size "
+                                 f"of pretrain.{ft.base} ({block})")
+        return self
+
     @property
     def root(self) -> Path:
         return self._root
 
-    def path(self, name: str) -> Path:
-        """Absolute path of a `paths` entry."""
-        p = Path(getattr(self.paths, name))
-        return p if p.is_absolute() else (self._root / p).resolve()
+    def path(self, kind: str, name: str = "") -> Path:
+        """Absolute path of a stage kind's output folder, or of one run's (`name`)."""
+        p = Path(getattr(self.paths, kind))
+        p = p if p.is_absolute() else (self._root / p).resolve()
+        return p / name if name else p
 
-    def metrics_file(self, stage: str) -> Path:
-        return self.path("metrics") / f"{stage}.json"
+    def metrics_file(self, kind: str, name: str) -> Path:
+        return self.path("metrics") / kind / f"{name}.json"
 
-    def plot_file(self, name: str) -> Path:
-        return self.path("plots") / f"{name}.csv"
+    def plot_file(self, kind: str, name: str) -> Path:
+        return self.path("plots") / kind / f"{name}.csv"
 
-    def section_hash(self, *sections: str) -> str:
-        data = {s: self.model_dump(mode="json")[s] for s in sections}
+    def registered_name(self, run: str) -> str:
+        return f"{self.tracking.model_prefix}{run}"
+
+    def value(self, key: str) -> Any:
+        """The JSON value of a dotted key (`pretrain.bert.lr`, `seed`)."""
+        node: Any = self.model_dump(mode="json")
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise BigModelError(f"params: no key {key!r}")
+            node = node[part]
+        return node
+
+    def keys_hash(self, keys: list[str]) -> str:
+        data = {k: self.value(k) for k in keys}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _must_name(runs: Mapping[str, Any], name: str, key: str, what: str) -> None:
+    if name not in runs:
+        have = ", ".join(sorted(runs)) or "none"
+        raise ValueError(f"{key} = {name!r}: no such {what} (have: {have})")
+
+
+def pick_run(runs: Mapping[str, Any], name: str | None, section: str) -> str:
+    """The run a command means: `name`, or the only run there is."""
+    if name is None:
+        if len(runs) == 1:
+            return next(iter(runs))
+        raise BigModelError(f"{section}: several runs ({', '.join(sorted(runs))}); name one "
+                            f"with --name")
+    if name not in runs:
+        raise BigModelError(f"{section}.{name}: no such run (have: {', '.join(sorted(runs))})")
+    return name
 
 
 def load(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
@@ -240,9 +410,9 @@ def backup_of(path: Path) -> Path:
 
 @contextmanager
 def overridden(path: str | Path, overrides: Mapping[str, Any] | None) -> Iterator[Params]:
-    """The params file with `overrides` ({"pretrain.max_steps": 200}; string values parsed as
-    YAML, like --set) written into it for the duration, so that DVC records exactly the values
-    the stages used. The original text is kept beside it and put back afterwards, even on
+    """The params file with `overrides` ({"pretrain.gpt.max_steps": 200}; string values parsed
+    as YAML, like --set) written into it for the duration, so that DVC records exactly the
+    values the stages used. The original text is kept beside it and put back afterwards, even on
     failure; a backup left by a killed run stops the next one instead of being overwritten."""
     path = Path(path)
     backup = backup_of(path)
@@ -277,16 +447,30 @@ def validate(raw: dict[str, Any], source: str = "params") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        raise BigModelError(f"{source}: {_describe(e.errors()[0])}") from None
+        raise BigModelError(f"{source}: {_describe(e.errors()[0], raw)}") from None
 
 
-def _describe(err: dict[str, Any]) -> str:
+RUN_SECTIONS = {"data": DataRun, "tokenizer": TokenizerRun, "finetune": FinetuneRun}
+
+
+def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
     loc = [str(p) for p in err["loc"]]
-    key = ".".join(loc) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        allowed = ", ".join(_fields_at(loc[:-1]))
-        return f"unknown key '{key}' (allowed here: {allowed})"
     msg = err["msg"].removeprefix("Value error, ")
+    if not loc:  # a check across sections: its message names the keys
+        return msg
+    if len(loc) >= 3 and loc[0] == "pretrain" and loc[2] in FAMILY_RUNS:
+        del loc[2]  # the union's tag (the family), not a key the user wrote
+    key = ".".join(loc) or "(top level)"
+    if err["type"] == "union_tag_not_found":
+        return f"{key}.family: missing (one of {', '.join(FAMILY_RUNS)})"
+    if err["type"] == "union_tag_invalid":
+        return (f"{key}.family: {err['input'].get('family')!r} is not a model family "
+                f"(one of {', '.join(FAMILY_RUNS)})")
+    if err["type"] == "extra_forbidden":
+        allowed = ", ".join(_fields_at(loc[:-1], raw))
+        return f"unknown key '{key}' (allowed here: {allowed})"
+    if err["type"] == "missing":
+        return f"{key}: missing (a required key)"
     if err["type"] == "literal_error":
         return f"{key} = {err['input']!r}: {msg}"
     if "input" in err and not isinstance(err["input"], dict):
@@ -294,9 +478,16 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{key}: {msg}"
 
 
-def _fields_at(loc: list[str]) -> list[str]:
+def _fields_at(loc: list[str], raw: dict[str, Any]) -> list[str]:
+    """The keys allowed at `loc` (for an unknown-key message)."""
     model: type[BaseModel] = Params
-    for part in loc:
+    rest = loc
+    if loc and loc[0] in RUN_SECTIONS and len(loc) >= 2:
+        model, rest = RUN_SECTIONS[loc[0]], loc[2:]
+    elif loc and loc[0] == "pretrain" and len(loc) >= 2:
+        family = (raw.get("pretrain") or {}).get(loc[1], {}).get("family", "gpt")
+        model, rest = FAMILY_RUNS.get(family, GPTPretrain), loc[2:]
+    for part in rest:
         annotation = model.model_fields[part].annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []

@@ -1,31 +1,30 @@
 """The champion gate: move a registered model's `champion` alias only to a better model.
 
-For each registered model the pipeline produces (the finetuned classifier, the pretrained GPT),
-the newest version (the challenger, noted in its stage's `registry.json`) and the version the
-alias points at (the champion) are scored on the *same* test split, by the same code, now:
-- classifier: macro-F1 (or accuracy) on `labelled_test.parquet` — higher is better;
-- GPT: bits per byte on the start of `pretrain_test.parquet` — lower is better (bits per byte
-  does not depend on the tokenizer, so models with different vocabularies compare fairly).
+For each registered model the pipeline produces (every finetune run, every pretrain run with the
+clm objective), the newest version (the challenger, noted in its stage's `registry.json`) and the
+version the alias points at (the champion) are scored on the *same* test split, by the same code,
+now, with the metric of the model's task (bigmodel/tasks/<task>.py, `gate_score`):
+- seq_cls: macro-F1 on its data run's `seq_cls_test.parquet` — higher is better;
+- token_cls: entity F1 (seqeval) on `token_cls_test.parquet` — higher is better;
+- clm: bits per byte on the start of its corpus's `pretrain_test.parquet` — lower is better.
 The alias moves when there is no champion yet, or when the challenger is better by at least
-`promote.margin` (classifier) / `promote.margin_bpb` (GPT). Every decision is written as tags on
-the challenger version, so the registry says why each model was or was not promoted.
+`promote.margin` (F1) / `promote.margin_bpb` (bits per byte). Every decision is written as tags
+on the challenger version, so the registry says why each model was or was not promoted.
 """
 
 from __future__ import annotations
 
-import math
+import importlib
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
 
 from bigmodel import tracking
 from bigmodel.config import Params
 from bigmodel.errors import BigModelError
-from bigmodel.evaluate import classification_scores, window_loss
 from bigmodel.io import read_json
 
 
@@ -46,40 +45,40 @@ class Decision:
 
 
 def run(params: Params) -> list[Decision]:
-    """Gate both registered models; returns one decision each."""
-    return [gate_classifier(params), gate_generator(params)]
+    """Gate every registered model; returns one decision each."""
+    decisions = [gate_finetuned(params, name) for name in params.finetune]
+    decisions += [gate_generator(params, name) for name, spec in params.pretrain.items()
+                  if spec.objective == "clm"]
+    return decisions
 
 
-def gate_classifier(params: Params) -> Decision:
-    cfg = params.promote
-    test = _read(params.path("prepared") / "labelled_test.parquet")
-
-    def score(model_dir: Path) -> float:
-        from bigmodel.predict import TextClassifier
-
-        clf = TextClassifier.load(model_dir)
-        pred = clf.predict_proba(test["text"].tolist(), params.evaluate.batch_size).argmax(1)
-        scores = classification_scores(test["label"].tolist(), [clf.labels[i] for i in pred],
-                                       clf.labels, per_class=False)
-        return scores[cfg.metric]
-
-    return _gate(params, params.path("finetune"), cfg.metric, score, higher_is_better=True,
-                 margin=cfg.margin)
-
-
-def gate_generator(params: Params) -> Decision:
-    cfg = params.promote
-    texts = _read(params.path("prepared") / "pretrain_test.parquet")["text"].tolist()
+def gate_finetuned(params: Params, name: str) -> Decision:
+    spec = params.finetune[name]
+    task = importlib.import_module(f"bigmodel.tasks.{spec.task}")
+    test = _read(params.path("data", spec.data) / "prepared" / f"{spec.task}_test.parquet")
 
     def score(model_dir: Path) -> float:
-        return text_bpb(model_dir, texts, cfg.lm_eval_bytes, params.evaluate.batch_size)
+        return task.gate_score(model_dir, test, params.evaluate.batch_size)
 
-    return _gate(params, params.path("pretrain"), "test_bpb", score, higher_is_better=False,
-                 margin=cfg.margin_bpb)
+    return _gate(params, params.path("finetune", name), task.GATE_METRIC, score,
+                 higher_is_better=True, margin=params.promote.margin)
 
 
-def _gate(params: Params, stage_dir: Path, metric: str, score, higher_is_better: bool,  # noqa: ANN001
-          margin: float) -> Decision:
+def gate_generator(params: Params, name: str) -> Decision:
+    from bigmodel.tasks import clm
+
+    cfg, spec = params.promote, params.pretrain[name]
+    texts = _read(params.path("data", spec.corpus) / "prepared" / "pretrain_test.parquet")["text"].tolist()
+
+    def score(model_dir: Path) -> float:
+        return clm.gate_score(model_dir, texts, cfg.lm_eval_bytes, params.evaluate.batch_size)
+
+    return _gate(params, params.path("pretrain", name), clm.GATE_METRIC, score,
+                 higher_is_better=False, margin=cfg.margin_bpb)
+
+
+def _gate(params: Params, stage_dir: Path, metric: str, score: Callable[[Path], float],
+          higher_is_better: bool, margin: float) -> Decision:
     alias = params.promote.alias
     reg_file = stage_dir / "registry.json"
     if not reg_file.is_file():
@@ -113,24 +112,6 @@ def _gate(params: Params, stage_dir: Path, metric: str, score, higher_is_better:
     else:
         tracking.set_tags_on_version(params, name, challenger, tags)
     return decision
-
-
-@torch.no_grad()
-def text_bpb(model_dir: Path, texts: list[str], max_bytes: int, batch_size: int) -> float:
-    """Bits per byte of a GPT on the first `max_bytes` (whole documents) of `texts`."""
-    from bigmodel.generate import TextGenerator
-
-    gen = TextGenerator.load(model_dir)
-    chosen, total = [], 0
-    for t in texts:
-        chosen.append(t)
-        total += len(t.encode("utf-8"))
-        if total >= max_bytes:
-            break
-    ids = np.concatenate([np.asarray(e.ids, dtype=np.int64)
-                          for e in gen.tokenizer.encode_batch(chosen)])
-    loss = window_loss(gen.model, ids, gen.model.cfg.block_size, batch_size)
-    return loss / math.log(2) * len(ids) / total
 
 
 def _read(path: Path) -> pd.DataFrame:

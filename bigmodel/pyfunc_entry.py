@@ -3,6 +3,6 @@ logged model holds code, not a pickle (loading a pickle can execute arbitrary co
 
 from mlflow.models import set_model
 
-from bigmodel.tracking import BigmodelPyfunc
+from bigmodel.serving import BigmodelPyfunc
 
 set_model(BigmodelPyfunc())

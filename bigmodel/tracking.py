@@ -1,5 +1,5 @@
-"""Everything MLflow: the only module that imports it (besides `pyfunc_entry.py`, the script
-MLflow runs to rebuild the logged classifier).
+"""Everything MLflow tracks: runs, params, metrics, artifacts, the registry. It imports no model
+or task code (the served pyfunc lives in `serving.py`, above the domain).
 
 A stage is one MLflow run, nested under the pipeline's parent run when the environment names one
 (`BIGMODEL_PARENT_RUN_ID`, set by the Prefect flow). The default store is a SQLite file at an
@@ -30,6 +30,9 @@ from bigmodel.errors import TransientError
 PARENT_ENV = "BIGMODEL_PARENT_RUN_ID"
 FLOW_RUN_ENV = "BIGMODEL_FLOW_RUN_ID"
 URI_ENV = "BIGMODEL_TRACKING_URI"
+# The MLflow UI opens an experiment by its kind: without the tag it guesses, and shows a new
+# experiment as GenAI (an empty traces "Overview"); model training lands on the runs table.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def tracking_uri(params: Params) -> str:
@@ -48,9 +51,12 @@ def configure(params: Params) -> str:
             location = None
             if uri.startswith("sqlite:"):  # keep artifacts beside the db, not in the cwd
                 location = (params.root / "mlartifacts").resolve().as_uri()
-            exp_id = mlflow.create_experiment(name, artifact_location=location)
+            exp_id = mlflow.create_experiment(name, artifact_location=location,
+                                              tags={EXPERIMENT_KIND: MODEL_TRAINING})
         else:
             exp_id = exp.experiment_id
+            if EXPERIMENT_KIND not in exp.tags:
+                MlflowClient().set_experiment_tag(exp_id, EXPERIMENT_KIND, MODEL_TRAINING)
     except MlflowException as e:
         if "connect" in str(e).lower() or "max retries" in str(e).lower():
             raise TransientError(f"MLflow tracking server at {uri} did not answer: {e}") from None
@@ -59,10 +65,10 @@ def configure(params: Params) -> str:
     return exp_id
 
 
-def lineage_tags(params: Params, stage: str, sections: list[str]) -> dict[str, str]:
+def lineage_tags(params: Params, stage: str, keys: list[str]) -> dict[str, str]:
     tags = {
         "bigmodel.stage": stage,
-        "bigmodel.params_hash": params.section_hash(*sections) if sections else "",
+        "bigmodel.params_hash": params.keys_hash(keys) if keys else "",
         "bigmodel.prefect_flow_run_id": os.environ.get(FLOW_RUN_ENV, ""),
     }
     commit = git_commit(params.root)
@@ -109,44 +115,35 @@ class StageRun:
     def tags(self, values: dict[str, str]) -> None:
         mlflow.set_tags(values)
 
-    def log_classifier(self, model_dir: Path, registered_name: str, example: list[str]) -> str:
-        """Log the finetuned classifier as a pyfunc (text in, label + probabilities out),
-        register it, and return the new registry version."""
-        return _log_pyfunc("classifier", {"model_dir": str(model_dir)}, registered_name,
-                           pd.DataFrame({"text": example}))
+    def log_pyfunc(self, entry: Path, artifacts: dict[str, str], registered_name: str,
+                   example: object) -> str:
+        """Log a "models from code" pyfunc (`entry` builds it) carrying `artifacts` and the
+        bigmodel package, register it, and return the new registry version."""
+        import bigmodel  # the package travels with the model, so serving needs no install
 
-    def log_generator(self, model_dir: Path, registered_name: str, example: list[str]) -> str:
-        """Log the pretrained GPT with its tokenizer as a pyfunc (prompt in, completion out),
-        register it, and return the new registry version."""
-        return _log_pyfunc("generator", {"generator_dir": str(model_dir)}, registered_name,
-                           (pd.DataFrame({"prompt": example}), dict(GENERATE_DEFAULTS)))
+        import safetensors
+        import tokenizers
+        import torch
 
-
-def _log_pyfunc(name: str, artifacts: dict[str, str], registered_name: str,
-                example: object) -> str:
-    import bigmodel  # the package travels with the model, so serving needs no install
-
-    import safetensors
-    import tokenizers
-    import torch
-
-    info = mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
-        artifacts=artifacts,
-        code_paths=[str(Path(bigmodel.__file__).parent)],
-        input_example=example,
-        pip_requirements=[
-            f"torch=={torch.__version__.split('+')[0]}",
-            f"tokenizers=={tokenizers.__version__}",
-            f"safetensors=={safetensors.__version__}",
-            f"pandas=={pd.__version__}",
-            f"pydantic=={_version('pydantic')}",
-            f"pyyaml=={_version('pyyaml')}",
-        ],
-        registered_model_name=registered_name,
-    )
-    return str(info.registered_model_version)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(entry),
+            artifacts=artifacts,
+            code_paths=[str(Path(bigmodel.__file__).parent)],
+            input_example=example,
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"tokenizers=={tokenizers.__version__}",
+                f"safetensors=={safetensors.__version__}",
+                f"pandas=={pd.__version__}",
+                f"pydantic=={_version('pydantic')}",
+                f"pyyaml=={_version('pyyaml')}",
+                f"scikit-learn=={_version('scikit-learn')}",
+                f"seqeval=={_version('seqeval')}",
+            ],
+            registered_model_name=registered_name,
+        )
+        return str(info.registered_model_version)
 
 
 def _version(dist: str) -> str:
@@ -156,16 +153,16 @@ def _version(dist: str) -> str:
 
 
 @contextmanager
-def stage_run(stage: str, params: Params, sections: list[str]) -> Iterator[StageRun]:
-    """One MLflow run for one stage, nested under the pipeline run when there is one."""
+def stage_run(stage: str, params: Params, keys: list[str]) -> Iterator[StageRun]:
+    """One MLflow run for one stage instance (`pretrain@bert`), nested under the pipeline run
+    when there is one; its params are the values of `keys`, the params DVC hashes for it."""
     configure(params)
     parent = os.environ.get(PARENT_ENV) or None
-    dumped = params.model_dump(mode="json")
     with mlflow.start_run(
         run_name=stage, parent_run_id=parent, nested=mlflow.active_run() is not None,
-        tags=lineage_tags(params, stage, sections),
+        tags=lineage_tags(params, stage, keys),
     ) as run:
-        mlflow.log_params(flatten({s: dumped[s] for s in sections}))
+        mlflow.log_params(flatten({k: params.value(k) for k in keys}))
         yield StageRun(run.info.run_id)
 
 
@@ -214,50 +211,6 @@ def run_link(params: Params, experiment_id: str, run_id: str) -> str:
     uri = tracking_uri(params)
     base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
-class BigmodelPyfunc(mlflow.pyfunc.PythonModel):
-    """The pyfunc MLflow loads and serves, for both kinds of logged model (told apart by the
-    artifact they carry):
-    - classifier (`model_dir`): a DataFrame with a `text` column (or a list of strings) in; a
-      DataFrame with `label` and one `p_<class>` column per class out;
-    - generator (`generator_dir`): a DataFrame with a `prompt` column in; `completion` out;
-      params max_new_tokens, temperature (0: greedy), top_k, top_p, seed."""
-
-    # predict and load_context carry no type hints: MLflow would read them as a schema.
-    def load_context(self, context):  # noqa: ANN001
-        if "generator_dir" in context.artifacts:
-            from bigmodel.generate import TextGenerator
-
-            self.gen, self.clf = TextGenerator.load(Path(context.artifacts["generator_dir"])), None
-        else:
-            from bigmodel.predict import TextClassifier
-
-            self.clf, self.gen = TextClassifier.load(Path(context.artifacts["model_dir"])), None
-
-    def predict(self, context, model_input, params=None):  # noqa: ANN001
-        if isinstance(model_input, pd.DataFrame):
-            names = ("prompt", "text") if self.gen else ("text",)
-            column = next((c for c in names if c in model_input), model_input.columns[0])
-            texts = model_input[column]
-        else:
-            texts = model_input
-        texts = [str(t) for t in texts]
-        if self.gen is not None:
-            p = {**GENERATE_DEFAULTS, **(params or {})}
-            return pd.DataFrame({"completion": [
-                self.gen.complete(t, int(p["max_new_tokens"]), float(p["temperature"]),
-                                  int(p["top_k"]), float(p["top_p"]),
-                                  None if int(p["seed"]) < 0 else int(p["seed"]))
-                for t in texts]})
-        probs = self.clf.predict_proba(texts)
-        out = pd.DataFrame(probs, columns=[f"p_{c}" for c in self.clf.labels])
-        out.insert(0, "label", [self.clf.labels[i] for i in probs.argmax(1)])
-        return out
-
-
-GENERATE_DEFAULTS = {"max_new_tokens": 48, "temperature": 0.8, "top_k": 50, "top_p": 1.0,
-                     "seed": -1}
 
 
 # --- registry: aliases, versions, downloads -------------------------------------------------

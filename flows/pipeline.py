@@ -1,9 +1,12 @@
 """The pipeline flow: run each dvc.yaml stage through DVC, tracked as one MLflow parent run.
 
-One flow run = one MLflow parent run; each stage is a Prefect task running
-`dvc repro --single-item <stage>` (DVC alone decides whether it is up to date; a stage it skips is
-reported as skipped) and, when it runs, an MLflow child run that then gets DVC's hashes of its
-inputs and outputs (lineage). The `source` snapshot is always refreshed, so new data is seen.
+One flow run = one MLflow parent run; each stage instance `dvc stage list` names
+(`pretrain@bert`, ...) is a Prefect task running `dvc repro --single-item <stage>` (DVC alone
+decides whether it is up to date; a stage it skips is reported as skipped) and, when it runs,
+an MLflow child run that then gets DVC's hashes of its inputs and outputs (lineage). A stage's
+output reaches the flow's log line by line as it runs (progress: step of total, loss,
+throughput, ETA), without DVC's git hints. The `source@*` snapshots are always refreshed, so
+new data is seen.
 Only transient failures (exit code 75, e.g. a tracking server that did not answer) are retried.
 After the stages, the champion gate (bigmodel.promote) moves the registry's `champion` alias to
 a better model. The flow ends with a markdown report: a Prefect artifact,
@@ -56,8 +59,23 @@ class StageOutcome:
 
 
 def stage_names(root: Path) -> list[str]:
-    """Stages in dvc.yaml order (written in dependency order; DVC still enforces the DAG)."""
-    return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+    """Every stage instance, `foreach` groups expanded, in dvc.yaml order (written in
+    dependency order; DVC still enforces the DAG), as `dvc stage list` names them."""
+    proc = subprocess.run([sys.executable, "-m", "dvc", "stage", "list", "--name-only", "--fail"],
+                          cwd=root, env=stage_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = next((l for l in reversed(proc.stderr.splitlines()) if l.strip()), "no output")
+        raise BigModelError(f"dvc stage list: {last}")
+    return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+
+
+# DVC's hints after a stage: how to commit dvc.lock, push, turn on autostaging
+DVC_HINTS = ("To track the changes with git", "git add ", "To enable auto staging",
+             "dvc config core.autostage", "Use `dvc push`", "Updating lock file")
+
+
+def is_hint(line: str) -> bool:
+    return not line.strip() or any(h in line for h in DVC_HINTS)
 
 
 def _transient_only(task, task_run, state) -> bool:  # noqa: ANN001
@@ -71,6 +89,8 @@ def stage_env() -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("DO_NOT_TRACK", "true")
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a stage's progress lines arrive as they are printed
     return env
 
 
@@ -80,11 +100,16 @@ def run_stage(stage: str, root: str, force: bool = False) -> StageOutcome:
     start = time.perf_counter()
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []),
            stage]
-    proc = subprocess.run(cmd, cwd=root, env=stage_env(), capture_output=True, text=True)
+    lines = []
+    with subprocess.Popen(cmd, cwd=root, env=stage_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            line = line.rstrip("\n")
+            lines.append(line)
+            if not is_hint(line):
+                logger.info(line)
     seconds = time.perf_counter() - start
-    output = proc.stdout + proc.stderr
-    for line in output.strip().splitlines():
-        logger.info(line)
+    output = "\n".join(lines)
     if proc.returncode != 0:
         last = next((l for l in reversed(output.splitlines()) if l.strip()), "no output")
         if f"exited with {EXIT_TRANSIENT}" in output:
@@ -135,7 +160,8 @@ def execute(params: config.Params, root: Path, refresh_source: bool = True) -> E
             outcomes.append(StageOutcome(stage, "not run", 0.0))
             continue
         try:
-            outcome = run_stage(stage, str(root), force=refresh_source and stage == "source")
+            outcome = run_stage(stage, str(root),
+                                force=refresh_source and stage.split("@")[0] == "source")
         except (StageFailed, TransientStageFailure) as e:
             outcomes.append(StageOutcome(stage, "failed", 0.0, str(e)))
             failure = e
@@ -189,11 +215,12 @@ def pipeline(params_file: str = "params.yaml", root: str | None = None,
     return run.outcomes
 
 
-def metrics_of(params: config.Params) -> dict[str, dict]:
-    """Each stage's metrics file (present whether the stage ran now or earlier)."""
-    out = {}
-    for path in sorted(params.path("metrics").glob("*.json")):
-        out[path.stem] = read_json(path)
+def metrics_of(params: config.Params) -> dict[str, dict[str, dict]]:
+    """Each stage instance's metrics file (present whether it ran now or earlier), by stage
+    kind and run: {"evaluate": {"bert-cls": {...}}, ...}."""
+    out: dict[str, dict[str, dict]] = {}
+    for path in sorted(params.path("metrics").glob("*/*.json")):
+        out.setdefault(path.parent.name, {})[path.stem] = read_json(path)
     return out
 
 

@@ -1,4 +1,5 @@
-"""The pipeline's report card: markdown with stages, metrics beside baselines, plots, run links."""
+"""The pipeline's report card: markdown with stages, every model beside its baselines on the same
+test split (one table per kind of model), explanations, champions and run links."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from bigmodel.config import Params
 
 
 def render_report(params: Params, outcomes: list[Any], parent_run_id: str,
-                  children: list[dict[str, Any]], metrics: dict[str, dict],
+                  children: list[dict[str, Any]], metrics: dict[str, dict[str, dict]],
                   title: str = "bigmodel pipeline report", preamble: list[str] | None = None,
                   decisions: list[Any] | None = None) -> str:
     runs = {c["stage"]: c for c in children}
@@ -33,14 +34,15 @@ def render_report(params: Params, outcomes: list[Any], parent_run_id: str,
         status = o.status + (f": {o.detail}" if o.detail else "")
         lines.append(f"| {o.stage} | {status} | {o.seconds:.1f} | {link} |")
     lines += _champions(params, decisions)
-    lines += _language_model(metrics) + _classifier(metrics) + _explain(params, metrics)
+    lines += _language_models(params, metrics) + _classifiers(params, metrics)
+    lines += _taggers(params, metrics) + _explain(params, metrics)
     lines += [
         "",
         "## Where to look",
         "",
-        f"- plots: `dvc plots show` (curves in `{params.paths.plots}/`), confusion matrix "
-        f"`{params.paths.evaluate}/confusion.png`",
-        f"- metrics: `dvc metrics show` (files in `{params.paths.metrics}/`)",
+        f"- plots: `dvc plots show` (curves in `{params.paths.plots}/`), confusion matrices "
+        f"`{params.paths.evaluate}/<run>/confusion.png`",
+        f"- metrics: `dvc metrics show` (files in `{params.paths.metrics}/<stage>/<run>.json`)",
         f"- runs: `mlflow ui --backend-store-uri {tracking.tracking_uri(params)}`",
         "",
     ]
@@ -63,51 +65,94 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _language_model(metrics: dict[str, dict]) -> list[str]:
-    lm = metrics.get("evaluate", {}).get("lm")
-    pre = metrics.get("pretrain", {})
-    if not lm:
+def _language_models(params: Params, metrics: dict[str, dict[str, dict]]) -> list[str]:
+    rows = []
+    for name, m in metrics.get("evaluate-pretrain", {}).items():
+        if name not in params.pretrain:
+            continue
+        pre = metrics.get("pretrain", {}).get(name, {})
+        spec = params.pretrain[name]
+        train = (f"{pre.get('steps', '?')} steps, {pre.get('n_params', 0):,} params, "
+                 f"{pre.get('tokens_per_s', 0):,.0f} tokens/s")
+        if m["task"] == "clm":
+            uni = m["baselines"]["unigram"]
+            rows.append(f"| {name} | {spec.family} {spec.objective} | test bits/byte | "
+                        f"{_fmt(m['test']['test_bpb'])} | {_fmt(uni['test_bpb'])} | {train} |")
+        else:
+            uni = m["baselines"]["unigram"]
+            nsp = (f"; NSP accuracy {m['test']['nsp_accuracy']:.3f}"
+                   if "nsp_accuracy" in m["test"] else "")
+            rows.append(f"| {name} | {spec.family} {spec.objective}{'+nsp' if spec.nsp else ''} | "
+                        f"test masked-token accuracy | {_fmt(m['test']['masked_accuracy'])} | "
+                        f"{_fmt(uni['masked_accuracy'])} | {train}{nsp} |")
+    if not rows:
         return []
-    lines = ["", "## Language model (pretrain)", "", "| split | loss (nats/token) | perplexity | bits/byte |",
-             "|---|---:|---:|---:|"]
-    for split in ("val", "test"):
-        lines.append(f"| {split} | {_fmt(lm[f'{split}_loss'])} | {lm[f'{split}_perplexity']:.1f} | "
-                     f"{_fmt(lm[f'{split}_bpb'])} |")
-    if pre:
+    return ["", "## Language models (pretrain, test split)", "",
+            "| run | model | metric | score | unigram baseline | training |",
+            "|---|---|---|---:|---:|---|", *rows]
+
+
+def _finetuned(params: Params, metrics: dict[str, dict[str, dict]], task: str) -> dict[str, dict]:
+    return {n: m for n, m in metrics.get("evaluate", {}).items()
+            if n in params.finetune and m.get("task") == task}
+
+
+def _classifiers(params: Params, metrics: dict[str, dict[str, dict]]) -> list[str]:
+    models = _finetuned(params, metrics, "seq_cls")
+    if not models:
+        return []
+    lines = ["", "## Classifiers (test split)", ""]
+    by_data: dict[str, list[str]] = {}
+    for name in models:
+        by_data.setdefault(params.finetune[name].data, []).append(name)
+    for data, names in by_data.items():
+        lines += [f"Data `{data}`:", "", "| model | accuracy | macro-F1 |", "|---|---:|---:|"]
+        for name in sorted(names, key=lambda n: -models[n]["test"]["macro_f1"]):
+            m, base = models[name], params.finetune[name].base
+            lines.append(f"| {name} (finetuned {m['family']} `{base}`) | "
+                         f"{_fmt(m['test']['accuracy'])} | {_fmt(m['test']['macro_f1'])} |")
+        for b, s in models[names[0]]["baselines"].items():
+            lines.append(f"| baseline: {b.replace('_', ' ')} | {_fmt(s['accuracy'])} | "
+                         f"{_fmt(s['macro_f1'])} |")
         lines.append("")
-        lines.append(f"{pre.get('steps')} steps, {pre.get('n_params', 0):,} parameters, "
-                     f"{pre.get('tokens_per_s', 0):,.0f} tokens/s, {pre.get('seconds', 0):.0f} s.")
     return lines
 
 
-def _classifier(metrics: dict[str, dict]) -> list[str]:
-    ev = metrics.get("evaluate", {})
-    if "classifier" not in ev:
+def _taggers(params: Params, metrics: dict[str, dict[str, dict]]) -> list[str]:
+    models = _finetuned(params, metrics, "token_cls")
+    if not models:
         return []
-    rows = [("bigmodel (finetuned GPT)", ev["classifier"])]
-    rows += [(name.replace("_", " "), scores) for name, scores in ev.get("baselines", {}).items()]
-    lines = ["", "## Classifier (test split)", "", "| model | accuracy | macro-F1 |", "|---|---:|---:|"]
-    lines += [f"| {name} | {_fmt(s['accuracy'])} | {_fmt(s['macro_f1'])} |" for name, s in rows]
-    per_class = ev["classifier"].get("per_class", {})
-    if per_class:
-        lines += ["", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {c} | {_fmt(v['precision'])} | {_fmt(v['recall'])} | {_fmt(v['f1'])} | "
-                  f"{v['support']} |" for c, v in per_class.items()]
+    lines = ["", "## Taggers (test split, entity level, seqeval)", "",
+             "| model | data | precision | recall | F1 | baseline F1 (most frequent tag) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, m in models.items():
+        t, b = m["test"], m["baselines"]["most_frequent_tag"]
+        lines.append(f"| {name} (finetuned {m['family']} `{params.finetune[name].base}`) | "
+                     f"{params.finetune[name].data} | {_fmt(t['precision'])} | "
+                     f"{_fmt(t['recall'])} | {_fmt(t['f1'])} | {_fmt(b['f1'])} |")
+    for name, m in models.items():
+        lines += ["", f"{name}, per entity type:", "", "| type | precision | recall | F1 | support |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {k} | {_fmt(v['precision'])} | {_fmt(v['recall'])} | {_fmt(v['f1'])} | "
+                  f"{v['support']} |" for k, v in m["test"]["per_type"].items()]
     return lines
 
 
-def _explain(params: Params, metrics: dict[str, dict]) -> list[str]:
-    ex = metrics.get("explain")
+def _explain(params: Params, metrics: dict[str, dict[str, dict]]) -> list[str]:
+    ex = {n: m for n, m in metrics.get("explain", {}).items() if n in params.finetune}
     if not ex:
         return []
-    return [
-        "",
-        "## Explanations",
-        "",
-        f"- {ex['n_examples']} test examples: SHAP `{params.paths.explain}/shap.html`, "
-        f"`shap_<i>.png`, attention maps `attention_<i>.png`",
-        f"- faithfulness: deleting the top-20% tokens by SHAP lowers p(predicted) by "
-        f"{ex['deletion_drop_shap']:.3f}, deleting as many random tokens by "
-        f"{ex['deletion_drop_random']:.3f}",
-        f"- additivity: max |base + Σ SHAP − logit| = {ex['additivity_max_error']:.2e}",
-    ]
+    lines = ["", "## Explanations", ""]
+    for name, m in ex.items():
+        where = f"`{params.paths.explain}/{name}/`"
+        if "deletion_drop_shap" in m:
+            lines.append(f"- {name}: {m['n_examples']} test examples in {where} (SHAP `shap.html`, "
+                         f"`shap_<i>.png`, attention + rollout `attention_<i>.png`); deleting the "
+                         f"top-20% tokens by SHAP lowers p(predicted) by "
+                         f"{m['deletion_drop_shap']:.3f}, as many random tokens by "
+                         f"{m['deletion_drop_random']:.3f}; additivity error "
+                         f"{m['additivity_max_error']:.1e}")
+        else:
+            lines.append(f"- {name}: {m['n_examples']} test sentences in {where} (tags "
+                         f"`tags.html`, attention + rollout `attention_<i>.png`)")
+    return lines

@@ -11,6 +11,7 @@ cron schedule by prefect.yaml; `python -m flows.retrain` runs it once, here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -40,8 +41,14 @@ class RetrainResult:
 
 
 def source_digest(params: config.Params) -> str:
-    path = params.path("source")
-    return str(read_json(path).get("digest", "")) if path.is_file() else ""
+    """One digest over every data run's source snapshot ("" before the first snapshot)."""
+    digests = []
+    for name in sorted(params.data):
+        path = params.path("data", name) / "source.json"
+        if not path.is_file():
+            return ""
+        digests.append(f"{name}:{read_json(path).get('digest', '')}")
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
 
 def has_remote(root: Path) -> bool:
@@ -76,7 +83,7 @@ def retrain(params_file: str = "params.yaml", root: str | None = None,
             run = execute(params, root_path)
             after = source_digest(params)
             retrained = [o.stage for o in run.outcomes
-                         if o.stage != "source" and o.status in ("ran", "restored")]
+                         if not o.stage.startswith("source@") and o.status in ("ran", "restored")]
             decisions = gate(params) if run.failure is None else None
             pushed, push_note = False, "no DVC remote configured: nothing pushed"
             if run.failure is None and push and has_remote(root_path):

@@ -24,15 +24,17 @@ import yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A pipeline small enough for a test: the built-in corpus, a tiny model, few steps.
-TINY_OVERRIDES = {
-    "prepare": {"max_per_class": 40},
-    "tokenizer": {"vocab_size": 512},
-    "pretrain": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 8,
+# A pipeline small enough for a test: the built-in corpus, tiny models, few steps.
+TINY_PRETRAIN = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 8,
                  "max_steps": 30, "warmup_steps": 5, "eval_interval": 15, "eval_batches": 2,
-                 "log_interval": 5, "checkpoint_interval": 15},
-    "finetune": {"epochs": 1, "batch_size": 32, "max_len": 32, "warmup_steps": 2},
-    "evaluate": {"eval_tokens": 5000},
+                 "log_interval": 5, "checkpoint_interval": 15}
+TINY_FINETUNE = {"epochs": 1, "batch_size": 32, "max_len": 32, "warmup_steps": 2}
+TINY_OVERRIDES = {
+    "data": {"stdlib": {"max_per_class": 40, "max_tagged": 300}},
+    "tokenizer": {"bpe": {"vocab_size": 512}, "wordpiece": {"vocab_size": 512}},
+    "pretrain": {"gpt": TINY_PRETRAIN, "bert": TINY_PRETRAIN},
+    "finetune": {"gpt-cls": TINY_FINETUNE, "bert-cls": TINY_FINETUNE, "bert-tag": TINY_FINETUNE},
+    "evaluate": {"eval_tokens": 5000, "eval_batches": 2},
     "explain": {"n_examples": 2, "max_evals": 40, "max_len": 24},
 }
 
@@ -98,43 +100,59 @@ def tiny_texts() -> list[str]:
 
 @pytest.fixture
 def tiny_tokenizer(tiny_texts):  # noqa: ANN001, ANN201
-    from bigmodel.tokenizer import train
+    from bigmodel.text.tokenizers import train_bpe
 
-    return train(iter(tiny_texts), vocab_size=300, min_frequency=1)
+    return train_bpe(iter(tiny_texts), vocab_size=300, min_frequency=1)
+
+
+@pytest.fixture
+def tiny_wordpiece(tiny_texts):  # noqa: ANN001, ANN201
+    from bigmodel.text.tokenizers import train_wordpiece
+
+    return train_wordpiece(iter(tiny_texts), vocab_size=300, min_frequency=1)
+
+
+def save_tiny_model(directory: Path, tok, family: str = "gpt", task: str = "clm",  # noqa: ANN001
+                    labels: list[str] | None = None, pooling: str = "mean") -> Path:
+    """A randomly initialised model folder in the layout the pretrain / finetune stages write."""
+    import torch
+
+    from bigmodel.models import heads, registry
+
+    torch.manual_seed(0)
+    arch = registry.arch_config(family, {"vocab_size": tok.get_vocab_size(), "block_size": 32,
+                                         "n_layer": 1, "n_head": 2, "n_embd": 16})
+    model = registry.build(family, arch)
+    extra: dict = {}
+    if task in ("seq_cls", "token_cls"):
+        extra = {"labels": labels, "max_len": 24, "pooling": pooling}
+        model = heads.with_head(model, {"task": task, **extra})
+    registry.save(model, directory, family, task, arch, extra)
+    tok.save(str(directory / "tokenizer.json"))
+    return directory
 
 
 @pytest.fixture
 def tiny_classifier_dir(tmp_path, tiny_tokenizer):  # noqa: ANN001, ANN201
-    """A randomly initialised classifier folder in the layout the finetune stage writes."""
-    import torch
+    return save_tiny_model(tmp_path / "classifier", tiny_tokenizer, "gpt", "seq_cls",
+                           ["asyncio", "files", "gui"])
 
-    from bigmodel.models import gpt as gpt_lib
 
-    torch.manual_seed(0)
-    cfg = gpt_lib.GPTConfig(vocab_size=tiny_tokenizer.get_vocab_size(), block_size=32, n_layer=1,
-                            n_head=2, n_embd=16)
-    model = gpt_lib.GPTClassifier(gpt_lib.GPT(cfg), n_classes=3, pooling="mean")
-    directory = tmp_path / "classifier"
-    gpt_lib.save(model, cfg, directory, {"labels": ["asyncio", "files", "gui"], "max_len": 24,
-                                         "pooling": "mean"})
-    tiny_tokenizer.save(str(directory / "tokenizer.json"))
-    return directory
+@pytest.fixture
+def tiny_bert_classifier_dir(tmp_path, tiny_wordpiece):  # noqa: ANN001, ANN201
+    return save_tiny_model(tmp_path / "bert-classifier", tiny_wordpiece, "bert", "seq_cls",
+                           ["asyncio", "files", "gui"], pooling="cls")
+
+
+@pytest.fixture
+def tiny_tagger_dir(tmp_path, tiny_wordpiece):  # noqa: ANN001, ANN201
+    return save_tiny_model(tmp_path / "tagger", tiny_wordpiece, "bert", "token_cls",
+                           ["O", "B-FUNC", "I-FUNC", "B-PARAM", "I-PARAM"])
 
 
 @pytest.fixture
 def tiny_gpt_dir(tmp_path, tiny_tokenizer):  # noqa: ANN001, ANN201
-    """A randomly initialised GPT folder in the layout the pretrain stage writes."""
-    import torch
-
-    from bigmodel.models import gpt as gpt_lib
-
-    torch.manual_seed(0)
-    cfg = gpt_lib.GPTConfig(vocab_size=tiny_tokenizer.get_vocab_size(), block_size=32, n_layer=1,
-                            n_head=2, n_embd=16)
-    directory = tmp_path / "gpt"
-    gpt_lib.save(gpt_lib.GPT(cfg), cfg, directory)
-    tiny_tokenizer.save(str(directory / "tokenizer.json"))
-    return directory
+    return save_tiny_model(tmp_path / "gpt", tiny_tokenizer)
 
 
 @pytest.fixture(scope="session")

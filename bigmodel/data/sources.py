@@ -1,7 +1,9 @@
 """Where raw text comes from: the Python standard library (default), local files, or the HF hub.
 
-Each source returns a `Corpus`: documents for pretraining and (optionally) labelled examples for
-finetuning. Every row carries a `group`; rows of one group always land in the same split.
+Each source returns a `Corpus`: documents for pretraining and the labelled sets it carries —
+`seq_cls` (text, label) and `token_cls` (tokens, tags). Every row carries a `group`; rows of one
+group always land in the same split. A row may also carry the user's own `split` (a split
+column, or one glob per split), which `prepare` then keeps as given.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from bigmodel.config import FilesSource, HFSource
+from bigmodel.data import conll
+from bigmodel.data.tagging import stdlib_tagging_examples
 from bigmodel.errors import BigModelError
 
 # Folders of the stdlib that hold tests or third-party code, never corpus text.
@@ -47,11 +51,21 @@ FAMILIES: dict[str, list[str]] = {
 MODULE_FAMILY = {m: fam for fam, mods in FAMILIES.items() for m in mods}
 
 
+# what a user may call each split in a split column
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "dev": "val",
+                 "valid": "val", "validation": "val", "test": "test", "testing": "test"}
+
+
 @dataclass
 class Corpus:
-    documents: pd.DataFrame  # columns: text, group
-    labelled: pd.DataFrame | None  # columns: text, label, group (None: the source has no labels)
+    documents: pd.DataFrame  # columns: text, group (+ split when fixed)
+    labelled: pd.DataFrame | None  # seq_cls: text, label, group (+ split); None: no labels
+    tagged: pd.DataFrame | None = None  # token_cls: tokens, tags, group (+ split)
     description: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def fixed_split(self) -> bool:
+        return "split" in self.documents.columns
 
 
 def builtin_files() -> tuple[Path, list[Path]]:
@@ -65,17 +79,31 @@ def builtin_files() -> tuple[Path, list[Path]]:
     return root, files
 
 
-def matching_files(spec: FilesSource, root: Path) -> list[Path]:
-    pattern = spec.glob if Path(spec.glob).is_absolute() else str(root / spec.glob)
-    paths = sorted(Path(p) for p in globlib.glob(pattern, recursive=True) if Path(p).is_file())
-    if not paths:
-        raise BigModelError(f"prepare.files.glob: no files match {spec.glob!r}")
-    return paths
+def matching_files(spec: FilesSource, root: Path, key: str = "files") -> list[Path]:
+    """Every file the spec names (all splits' globs when the split is fixed)."""
+    return [p for _, paths in split_files(spec, root, key) for p in paths]
 
 
-def load_builtin() -> Corpus:
-    """The standard library of this Python: source files (documents) and their docstrings,
-    labelled with the package family of the module they come from."""
+def split_files(spec: FilesSource, root: Path, key: str = "files"
+                ) -> list[tuple[str | None, list[Path]]]:
+    """(split, files) per glob: one entry with split None for `glob`, one per split for
+    `splits`. A glob that matches nothing is an error naming it."""
+    globs = [(None, spec.glob)] if spec.glob else [(s, spec.splits[s]) for s in ("train", "val", "test")]
+    out = []
+    for split, pattern in globs:
+        full = pattern if Path(pattern).is_absolute() else str(root / pattern)
+        paths = sorted(Path(p) for p in globlib.glob(full, recursive=True) if Path(p).is_file())
+        if not paths:
+            where = f"{key}.glob" if split is None else f"{key}.splits.{split}"
+            raise BigModelError(f"{where}: no files match {pattern!r}")
+        out.append((split, paths))
+    return out
+
+
+def load_builtin(max_words: int = 48) -> Corpus:
+    """The standard library of this Python: source files (documents); their docstrings,
+    labelled with the package family of the module they come from (seq_cls); and lines of code
+    whose names are tagged by what they denote (token_cls, bigmodel/data/tagging.py)."""
     root, files = builtin_files()
     docs, examples = [], []
     for path in files:
@@ -97,19 +125,50 @@ def load_builtin() -> Corpus:
     return Corpus(
         documents=pd.DataFrame(docs, columns=["text", "group"]),
         labelled=pd.DataFrame(examples, columns=["text", "label", "group"]),
+        tagged=stdlib_tagging_examples(root, files, max_words=max_words),
         description={"source": "builtin", "stdlib": str(root), "files": len(docs)},
     )
 
 
-def load_files(spec: FilesSource, root: Path) -> Corpus:
-    """txt (one document per blank-line-separated paragraph), csv, tsv or jsonl files."""
-    paths = matching_files(spec, root)
-    frames = [_read_file(p, spec) for p in paths]
+def load_files(spec: FilesSource, root: Path, key: str = "files") -> Corpus:
+    """txt (one document per blank-line-separated paragraph), csv, tsv or jsonl files; or
+    CoNLL files (`format: conll`). With `splits`, each file's rows keep the split it is
+    listed under; with `split_column`, each row keeps the split it names."""
+    groups = split_files(spec, root, key)
+    n_files = sum(len(paths) for _, paths in groups)
+    desc: dict[str, object] = {"source": "files", "files": n_files}
+    if spec.format == "conll":
+        return _conll_corpus(groups, desc)
+    frames = []
+    for split, paths in groups:
+        for p in paths:
+            table = _read_file(p, spec, key)
+            if split is not None:
+                table["split"] = split
+            frames.append(table)
     table = pd.concat(frames, ignore_index=True)
-    return _from_table(table, spec.label_column, {"source": "files", "files": len(paths)})
+    if "split" in table.columns and table["split"].isna().any():
+        raise BigModelError(f"{key}.split_column: only some files have it; every file needs it "
+                            f"(or none)")
+    return _from_table(table, spec.label_column, desc)
 
 
-def load_hf(spec: HFSource) -> Corpus:
+def _conll_corpus(groups: list[tuple[str | None, list[Path]]], desc: dict[str, object]) -> Corpus:
+    rows = []
+    for split, paths in groups:
+        for p in paths:
+            for i, (tokens, tags) in enumerate(conll.read_conll(p)):
+                rows.append({"tokens": tokens, "tags": conll.to_iob2(tags),
+                             "group": f"{p.name}:{i}", "split": split})
+    tagged = pd.DataFrame(rows, columns=["tokens", "tags", "group", "split"])
+    if groups[0][0] is None:
+        tagged = tagged.drop(columns="split")
+    documents = tagged.assign(text=tagged["tokens"].map(" ".join)).drop(columns=["tokens", "tags"])
+    desc["rows"] = len(tagged)
+    return Corpus(documents=documents, labelled=None, tagged=tagged, description=desc)
+
+
+def load_hf(spec: HFSource, key: str = "hf") -> Corpus:
     """A Hugging Face dataset: a hub id (needs network) or a local folder, either written by
     `Dataset.save_to_disk` or holding data files the way a hub repository does."""
     import datasets
@@ -122,19 +181,19 @@ def load_hf(spec: HFSource) -> Corpus:
             if isinstance(ds, datasets.DatasetDict):
                 if spec.split not in ds:
                     raise BigModelError(
-                        f"prepare.hf.split: {spec.split!r} not in {spec.name} (has {sorted(ds)})"
+                        f"{key}.split: {spec.split!r} not in {spec.name} (has {sorted(ds)})"
                     )
                 ds = ds[spec.split]
         else:
             ds = datasets.load_dataset(spec.name, spec.config, revision=spec.revision,
                                        split=spec.split)
     except (FileNotFoundError, ValueError, ConnectionError) as e:
-        raise BigModelError(f"prepare.hf: cannot load {spec.name!r}: {e}".splitlines()[0]) from None
+        raise BigModelError(f"{key}: cannot load {spec.name!r}: {e}".splitlines()[0]) from None
     table = ds.to_pandas()
     missing = [c for c in (spec.text_column, spec.label_column, spec.group_column)
                if c and c not in table.columns]
     if missing:
-        raise BigModelError(f"prepare.hf: column {missing[0]!r} not in {spec.name} "
+        raise BigModelError(f"{key}: column {missing[0]!r} not in {spec.name} "
                             f"(columns: {', '.join(map(str, table.columns))})")
     table = _standardise(table, spec.text_column, spec.label_column, spec.group_column)
     desc = {"source": "hf", "name": spec.name, "config": spec.config, "revision": spec.revision,
@@ -142,10 +201,14 @@ def load_hf(spec: HFSource) -> Corpus:
     return _from_table(table, spec.label_column, desc)
 
 
-def _read_file(path: Path, spec: FilesSource) -> pd.DataFrame:
+def _read_file(path: Path, spec: FilesSource, key: str = "files") -> pd.DataFrame:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        paragraphs = [p for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise BigModelError(f"{path}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+        paragraphs = [p for p in text.split("\n\n") if p.strip()]
         return pd.DataFrame({"text": paragraphs, "label": None, "group": None})
     try:
         if suffix in (".csv", ".tsv"):
@@ -155,14 +218,22 @@ def _read_file(path: Path, spec: FilesSource) -> pd.DataFrame:
             table = pd.read_json(path, lines=True, dtype=False)
         else:
             raise BigModelError(f"{path}: unsupported file type {suffix!r} (txt, csv, tsv, jsonl)")
-    except (ValueError, pd.errors.ParserError) as e:
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise BigModelError(f"{path}: cannot parse: {str(e).splitlines()[0]}") from None
-    for key, col in (("text_column", spec.text_column), ("label_column", spec.label_column),
-                     ("group_column", spec.group_column)):
+    for field_, col in (("text_column", spec.text_column), ("label_column", spec.label_column),
+                        ("group_column", spec.group_column), ("split_column", spec.split_column)):
         if col and col not in table.columns:
-            raise BigModelError(f"{path}: prepare.files.{key} {col!r} is not a column "
+            raise BigModelError(f"{path}: {key}.{field_} {col!r} is not a column "
                                 f"(columns: {', '.join(map(str, table.columns))})")
-    return _standardise(table, spec.text_column, spec.label_column, spec.group_column)
+    out = _standardise(table, spec.text_column, spec.label_column, spec.group_column)
+    if spec.split_column:
+        named = table[spec.split_column].astype(str).str.strip().str.lower()
+        bad = sorted(set(named) - set(SPLIT_ALIASES))
+        if bad:
+            raise BigModelError(f"{path}: {key}.split_column {spec.split_column!r} has "
+                                f"{bad[0]!r}; valid: train, val (or dev, validation), test")
+        out["split"] = named.map(SPLIT_ALIASES)
+    return out
 
 
 def _standardise(table: pd.DataFrame, text: str, label: str, group: str) -> pd.DataFrame:
@@ -175,8 +246,9 @@ def _standardise(table: pd.DataFrame, text: str, label: str, group: str) -> pd.D
 def _from_table(table: pd.DataFrame, label_column: str, desc: dict[str, object]) -> Corpus:
     # Without a group column each row is its own group; exact dedupe keeps copies out of two splits.
     table = table.assign(group=table["group"].fillna(table["text"]))
+    keep = ["text", "group", *(["split"] if "split" in table.columns else [])]
     labelled = None
     if label_column:
-        labelled = table.dropna(subset=["label"])[["text", "label", "group"]]
+        labelled = table.dropna(subset=["label"])[["text", "label", *keep[1:]]]
     desc["rows"] = len(table)
-    return Corpus(documents=table[["text", "group"]], labelled=labelled, description=desc)
+    return Corpus(documents=table[keep], labelled=labelled, description=desc)

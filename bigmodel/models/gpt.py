@@ -1,8 +1,7 @@
 """GPT: a decoder-only transformer (pre-norm, GELU MLP, learned positions, tied embeddings).
 
-`GPT` is the language model; `GPTClassifier` puts a classification head on a pooled hidden state:
-the last real token's ("last"; with right padding and causal attention, padding never reaches it)
-or the mean over real tokens ("mean").
+`GPT.hidden` gives the token states any task head reads (bigmodel/models/heads.py); with right
+padding and causal attention, padding never reaches a real token, so it needs no padding mask.
 
 Generation passes a KV cache (`GPT.new_cache()`, one `KVCache` per block) to `forward`: each
 call then feeds only the tokens not yet cached, at positions that follow the cached ones.
@@ -10,17 +9,13 @@ call then feeds only the tokens not yet cached, at positions that follow the cac
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
 
-from bigmodel.errors import BigModelError
-from bigmodel.models.layers import Block, ClassificationHead, KVCache, init_weights
+from bigmodel.models.layers import Block, KVCache, init_weights
 
 
 @dataclass
@@ -48,7 +43,10 @@ class GPT(nn.Module):
         init_weights(self, cfg.n_layer)
         self.lm_head.weight = self.wte.weight  # weight tying: one matrix for input and output
 
-    def hidden(self, idx: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, lengths: torch.Tensor | None = None,
+               cache: list[KVCache] | None = None) -> torch.Tensor:
+        """Token states (B, T, C). `lengths` (real tokens per right-padded row) is accepted for
+        the common backbone signature and not needed: causal attention never looks right."""
         B, T = idx.shape
         start = cache[0].length if cache else 0  # tokens already in the cache come first
         if start + T > self.cfg.block_size:
@@ -67,7 +65,7 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: list[KVCache] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.lm_head(self.hidden(idx, cache))  # (B, T, vocab)
+        logits = self.lm_head(self.hidden(idx, cache=cache))  # (B, T, vocab)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
@@ -91,44 +89,5 @@ class GPT(nn.Module):
             block.attn.keep_maps = keep
 
 
-class GPTClassifier(nn.Module):
-    def __init__(self, gpt: GPT, n_classes: int, dropout: float = 0.0, pooling: str = "mean"):
-        super().__init__()
-        if pooling not in ("last", "mean"):
-            raise ValueError(f"pooling must be 'last' or 'mean', not {pooling!r}")
-        self.gpt, self.pooling = gpt, pooling
-        self.head = ClassificationHead(gpt.cfg.n_embd, n_classes, dropout)
-
-    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        h = self.gpt.hidden(idx)  # (B, T, C)
-        if self.pooling == "last":
-            pooled = h[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # (B, C)
-        else:
-            real = torch.arange(idx.size(1), device=idx.device)[None, :] < lengths[:, None]  # (B, T)
-            pooled = (h * real[..., None]).sum(1) / lengths[:, None].to(h.dtype)  # (B, C)
-        return self.head(pooled)  # (B, n_classes)
-
-
-def save(model: nn.Module, cfg: GPTConfig, directory: Path, extra: dict | None = None) -> None:
-    """weights → model.safetensors (shared tensors handled), config → config.json."""
-    directory.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(directory / "model.safetensors"))
-    (directory / "config.json").write_text(
-        json.dumps({"gpt": asdict(cfg), **(extra or {})}, indent=2, sort_keys=True) + "\n"
-    )
-
-
-def read_config(directory: Path) -> dict:
-    file = directory / "config.json"
-    if not file.is_file():
-        raise BigModelError(f"{file}: model config not found")
-    return json.loads(file.read_text())
-
-
-def load_weights(model: nn.Module, directory: Path, strict: bool = True) -> None:
-    file = directory / "model.safetensors"
-    if not file.is_file():
-        raise BigModelError(f"{file}: model weights not found")
-    missing, unexpected = load_model(model, str(file), strict=strict)
-    if strict and (missing or unexpected):
-        raise BigModelError(f"{file}: weights do not match the model ({missing or unexpected})")
+# the names the model registry (bigmodel/models/registry.py) builds a family from
+Config, Model = GPTConfig, GPT

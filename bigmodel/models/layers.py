@@ -111,10 +111,19 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Transformer block, pre-norm by default: x + attn(ln(x)), then x + mlp(ln(x)).
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, causal: bool = True):
+    norm="post" is the original Transformer / BERT block: x = ln(x + attn(x)), then
+    ln(x + mlp(x)). Same modules and parameter names either way, so ln_1 is the norm that
+    belongs to attention and ln_2 the MLP's (which is how they map onto a Hugging Face BERT layer).
+    """
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, causal: bool = True,
+                 norm: str = "pre"):
         super().__init__()
+        if norm not in ("pre", "post"):
+            raise ValueError(f"norm must be 'pre' or 'post', not {norm!r}")
+        self.norm = norm
         self.ln_1 = nn.LayerNorm(n_embd, bias=False)
         self.attn = SelfAttention(n_embd, n_head, dropout, causal)
         self.ln_2 = nn.LayerNorm(n_embd, bias=False)
@@ -122,6 +131,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
+        if self.norm == "post":
+            x = self.ln_1(x + self.attn(x, pad_mask, cache))
+            return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x), pad_mask, cache)
         return x + self.mlp(self.ln_2(x))
 

@@ -104,8 +104,8 @@ NO_STEP = 1 << 62  # "no step yet" for the first-non-finite-step marker
 
 class Trainer:
     def __init__(self, model: nn.Module, cfg: Optim, max_steps: int, world: World | None = None,
-                 parallel: str = "ddp"):
-        self.cfg, self.max_steps = cfg, max_steps
+                 parallel: str = "ddp", label: str = "train"):
+        self.cfg, self.max_steps, self.label = cfg, max_steps, label
         self.world = world or World()
         self.device = self.world.device(pick_device(cfg.device))
         self.sharded = parallel == "fsdp" and self.world.distributed
@@ -153,13 +153,16 @@ class Trainer:
         log: Callable[[dict[str, float], int], None],
         log_interval: int,
         tokens_per_step: int,
+        unit: str = "tokens",
         flops_per_token: float | None = None,
         checkpoint: Callable[[], None] | None = None,
         checkpoint_interval: int = 0,
+        progress: bool = True,
     ) -> FitResult:
         """Train from self.step to max_steps. `next_batch` gives one micro-batch on the device
         (this rank's share of the global one under DDP). Every rank calls `log` and `checkpoint`;
-        the stage decides what rank > 0 does with them. `tokens_per_step` counts all ranks."""
+        the stage decides what rank > 0 does with them. `tokens_per_step` counts all ranks, in
+        `unit`s (tokens, examples); rank 0 prints a progress line at every log interval."""
         cfg = self.cfg
         peak = peak_flops(self.device)
         start = time.perf_counter()
@@ -185,10 +188,12 @@ class Trainer:
                 train_loss = window / (self.step - self.window_start)
                 now = time.perf_counter()
                 tok_s = (self.step - step_last) * tokens_per_step / (now - t_last)
-                row = {"train_loss": train_loss, "lr": lr, "tokens_per_s": tok_s}
+                row = {"train_loss": train_loss, "lr": lr, f"{unit}_per_s": tok_s}
                 if peak and flops_per_token:
                     row["mfu"] = tok_s * flops_per_token / (peak * self.world.size)
                 log(row, self.step)
+                if progress and self.world.is_main:
+                    self._progress(train_loss, tok_s, unit, now - start, self.step - first_step)
                 self.window_sum.zero_()
                 self.window_start = self.step
                 t_last, step_last = now, self.step
@@ -203,6 +208,13 @@ class Trainer:
         seconds = time.perf_counter() - start
         return FitResult(self.step, train_loss, metrics,
                          tokens_per_step * (self.step - first_step) / max(seconds, 1e-9), seconds)
+
+    def _progress(self, loss: float, rate: float, unit: str, elapsed: float, done: int) -> None:
+        """One line a person watching the stage reads: step of total, loss, throughput, ETA."""
+        left = elapsed / max(done, 1) * (self.max_steps - self.step)
+        print(f"{self.label}: step {self.step}/{self.max_steps} "
+              f"({100 * self.step / self.max_steps:.0f}%)  loss {loss:.4f}  "
+              f"{rate:,.0f} {unit}/s  elapsed {_clock(elapsed)}  ETA {_clock(left)}", flush=True)
 
     def _train_step(self, next_batch: Callable[[], Any],
                     loss_fn: Callable[[nn.Module, Any], torch.Tensor]) -> None:
@@ -350,6 +362,11 @@ class Trainer:
             state.pop(key, None)
         self.last_good = (self.step, directory)
         return {**state, **blob["extra_tensors"]}
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
 def tied_names(model: nn.Module) -> dict[str, str]:

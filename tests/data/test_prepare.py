@@ -1,6 +1,7 @@
 """Expectations on the data the prepare stage produces."""
 
 import json
+from pathlib import Path
 
 import datasets
 import pandas as pd
@@ -8,7 +9,9 @@ import pytest
 
 from bigmodel import config
 from bigmodel.config import HFSource
-from bigmodel.data import prepare, sources
+from bigmodel.data import conll
+from bigmodel.data import sources
+from bigmodel.stages import prepare
 from bigmodel.errors import BigModelError
 
 
@@ -62,12 +65,20 @@ def test_builtin_corpus_is_the_stdlib_without_tests_and_has_a_real_task():
     assert set(labelled["group"]) <= set(groups)
 
 
-def files_params(tmp_path, glob: str, **files_kw) -> config.Params:
-    raw = {"prepare": {"source": "files", "min_chars": 5, "label_min_chars": 5,
-                       "files": {"glob": glob, **files_kw}}}
+def files_params(tmp_path, glob: str = "", **files_kw) -> config.Params:
+    """Params whose one data run, `raw`, reads local files (and one GPT pretrains on it)."""
+    files = {"glob": glob, **files_kw} if glob else files_kw
+    raw = {"data": {"raw": {"source": "files", "min_chars": 5, "label_min_chars": 5,
+                            "files": files}},
+           "tokenizer": {"bpe": {"data": "raw"}},
+           "pretrain": {"gpt": {"family": "gpt", "corpus": "raw"}}, "finetune": {}}
     params = config.validate(raw)
     params._root = tmp_path
     return params
+
+
+def prepared(params: config.Params):  # noqa: ANN201
+    return params.path("data", "raw") / "prepared"
 
 
 def labelled_rows(n: int = 120) -> list[dict]:
@@ -85,34 +96,38 @@ def test_files_source_reads_tables_and_prepare_writes_leak_free_splits(tmp_path,
         table.to_csv(path, sep="\t" if fmt == "tsv" else ",", index=False)
     params = files_params(tmp_path, f"*.{fmt}", text_column="review", label_column="stars",
                           group_column="film")
-    prepare.run(params)
-    out = params.path("prepared")
+    prepare.run(params, "raw")
+    out = prepared(params)
     manifest = json.loads((out / "manifest.json").read_text())
-    splits = {s: pd.read_parquet(out / f"labelled_{s}.parquet") for s in prepare.SPLITS}
+    splits = {s: pd.read_parquet(out / f"seq_cls_{s}.parquet") for s in prepare.SPLITS}
     assert sum(len(t) for t in splits.values()) == 120
     for s, t in splits.items():
-        assert manifest["files"][f"labelled_{s}.parquet"]["rows"] == len(t)
+        assert manifest["files"][f"seq_cls_{s}.parquet"]["rows"] == len(t)
         assert set(t["label"]) == {"pos", "neg"}
     films = [set(t["group"]) for t in splits.values()]
     assert not (films[0] & films[1]) and not (films[0] & films[2]) and not (films[1] & films[2])
-    assert json.loads(params.metrics_file("prepare").read_text())["labelled_train_rows"] > 0
+    assert json.loads(params.metrics_file("prepare", "raw").read_text())["seq_cls_train_rows"] > 0
 
 
 def test_txt_files_become_paragraph_documents_without_labels(tmp_path):
     (tmp_path / "book.txt").write_text("\n\n".join(f"Paragraph {i} of the book." for i in range(60)))
     params = files_params(tmp_path, "*.txt")
-    corpus = prepare.load(params)
+    corpus = prepare.load(params, "raw")
     assert len(corpus.documents) == 60 and corpus.labelled is None
-    prepare.run(params)
-    assert not (params.path("prepared") / "labelled_train.parquet").exists()
+    prepare.run(params, "raw")
+    assert not (prepared(params) / "seq_cls_train.parquet").exists()
+    assert (prepared(params) / "pretrain_train.parquet").exists()
 
 
 def test_files_source_errors_name_the_problem(tmp_path):
-    with pytest.raises(BigModelError, match="no files match"):
-        prepare.load(files_params(tmp_path, "missing/*.csv"))
+    with pytest.raises(BigModelError, match=r"data.raw.files.glob: no files match 'missing/\*.csv'"):
+        prepare.load(files_params(tmp_path, "missing/*.csv"), "raw")
     pd.DataFrame(labelled_rows(5)).to_csv(tmp_path / "r.csv", index=False)
-    with pytest.raises(BigModelError, match=r"r.csv: prepare.files.text_column 'text' is not a column"):
-        prepare.load(files_params(tmp_path, "r.csv"))
+    with pytest.raises(BigModelError, match=r"r.csv: data.raw.files.text_column 'text' is not a column"):
+        prepare.load(files_params(tmp_path, "r.csv"), "raw")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait, encore un caf\xe9".encode("latin-1"))
+    with pytest.raises(BigModelError, match="latin1.txt: not UTF-8 text"):
+        prepare.load(files_params(tmp_path, "latin1.txt"), "raw")
 
 
 def test_hf_source_loads_a_saved_dataset_and_a_folder_of_data_files(tmp_path):
@@ -140,5 +155,68 @@ def test_a_labelled_split_that_comes_out_empty_is_an_error(tmp_path):
     params = files_params(tmp_path, "r.csv", text_column="review", label_column="stars",
                           group_column="film")
     with pytest.raises(BigModelError, match="split is empty"):
-        prepare.run(params)
-    assert not params.path("prepared").exists()
+        prepare.run(params, "raw")
+    assert not prepared(params).exists()
+
+
+def test_a_fixed_split_is_kept_as_given_by_split_column_or_by_one_glob_per_split(tmp_path):
+    rows = labelled_rows(90)
+    for i, r in enumerate(rows):
+        r["part"] = ("train", "dev", "test")[i % 3]
+    pd.DataFrame(rows).to_csv(tmp_path / "all.csv", index=False)
+    params = files_params(tmp_path, "all.csv", text_column="review", label_column="stars",
+                          split_column="part")
+    prepare.run(params, "raw")
+    for split, name in (("train", "train"), ("val", "dev"), ("test", "test")):
+        got = pd.read_parquet(prepared(params) / f"seq_cls_{split}.parquet")
+        assert sorted(got["text"]) == sorted(r["review"] for r in rows if r["part"] == name)
+
+    for split in ("train", "val", "test"):
+        (tmp_path / split).mkdir()
+        part = [r for r in rows if r["part"] == {"val": "dev"}.get(split, split)]
+        pd.DataFrame(part).drop(columns="part").to_csv(tmp_path / split / "r.csv", index=False)
+    params = files_params(tmp_path, text_column="review", label_column="stars",
+                          splits={s: f"{s}/*.csv" for s in ("train", "val", "test")})
+    prepare.run(params, "raw")
+    val = pd.read_parquet(prepared(params) / "seq_cls_val.parquet")
+    assert sorted(val["text"]) == sorted(r["review"] for r in rows if r["part"] == "dev")
+
+    rows[0]["part"] = "holdout"
+    pd.DataFrame(rows).to_csv(tmp_path / "all.csv", index=False)
+    with pytest.raises(BigModelError, match="split_column 'part' has 'holdout'; valid: train, val"):
+        prepare.run(files_params(tmp_path, "all.csv", text_column="review", label_column="stars",
+                                 split_column="part"), "raw")
+
+
+CONLL = Path(__file__).resolve().parents[1] / "fixtures" / "conll"
+
+
+def test_conll_files_with_a_split_per_file_become_a_tagged_set_in_iob2(tmp_path):
+    params = files_params(tmp_path, format="conll", splits={
+        "train": str(CONLL / "train.txt"), "val": str(CONLL / "dev.txt"),
+        "test": str(CONLL / "test.txt")})
+    assert params.data["raw"].tasks() == {"token_cls"}
+    prepare.run(params, "raw")
+    for split, file in (("train", "train.txt"), ("val", "dev.txt"), ("test", "test.txt")):
+        table = pd.read_parquet(prepared(params) / f"token_cls_{split}.parquet")
+        want = conll.read_conll(CONLL / file)
+        assert len(table) == len({(tuple(w), tuple(t)) for w, t in want})  # exact duplicates go
+        for tags in table["tags"]:
+            assert list(tags) == conll.to_iob2(list(tags))  # IOB2 whatever the file used
+    manifest = json.loads((prepared(params) / "manifest.json").read_text())
+    assert set(manifest["files"]["token_cls_train.parquet"]["entities"]) <= {"PER", "ORG", "LOC", "MISC"}
+
+
+def test_the_builtin_source_carries_a_tagging_task_split_by_source_file(tmp_path):
+    params = config.validate({"data": {"stdlib": {"max_tagged": 500}}})
+    params._root = tmp_path
+    prepare.run(params, "stdlib")
+    out = params.path("data", "stdlib") / "prepared"
+    tables = {s: pd.read_parquet(out / f"token_cls_{s}.parquet") for s in prepare.SPLITS}
+    assert len(tables["train"]) == 500 and len(tables["test"]) > 200
+    files = [set(t["group"]) for t in tables.values()]
+    assert not (files[0] & files[1]) and not (files[0] & files[2]) and not (files[1] & files[2])
+    docs = [set(pd.read_parquet(out / f"pretrain_{s}.parquet")["group"]) for s in prepare.SPLITS]
+    assert files[2] <= docs[2]  # a test file's lines are tagged in test, its text is test text
+    types = {t[2:] for tags in tables["train"]["tags"] for t in tags if t != "O"}
+    assert len(types) >= 4

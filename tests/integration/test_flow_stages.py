@@ -65,15 +65,39 @@ def test_stage_order_is_the_dvc_yaml_order(project):
     assert stage_names(project) == ["ok", "flaky", "broken"]
 
 
+def test_foreach_groups_are_listed_instance_by_instance_and_progress_reaches_the_log(
+        project, prefect_harness, caplog):
+    (project / "params.yaml").write_text("runs:\n  a: {n: 2}\n  b-2: {n: 3}\n")
+    (project / "dvc.yaml").write_text(textwrap.dedent("""\
+        stages:
+          count:
+            foreach: ${runs}
+            do:
+              cmd: python -c "import time; [print(f'step {i}', flush=True) or time.sleep(0.2) for i in range(${item.n})]"
+              params:
+                - runs.${key}
+        """))
+    assert stage_names(project) == ["count@a", "count@b-2"]
+
+    @flow
+    def one() -> str:
+        return run_stage("count@b-2", str(project)).status
+
+    assert one() == "ran"
+    logged = [r.getMessage() for r in caplog.records]
+    assert [m for m in logged if m.startswith("step ")] == ["step 0", "step 1", "step 2"]
+    assert not any("git add" in m or "dvc push" in m for m in logged)  # DVC's hints left out
+
+
 def test_a_bad_params_file_stops_the_flow_command_before_it_starts(tmp_path, capsys):
     from flows.pipeline import run_main
 
-    (tmp_path / "params.yaml").write_text("pretrain:\n  lrr: 0.1\n")
+    (tmp_path / "params.yaml").write_text("pretrain:\n  gpt:\n    family: gpt\n    lrr: 0.1\n")
     started = []
     code = run_main(lambda: started.append(1), lambda r: ["ran"], tmp_path / "params.yaml")
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and not started
     assert len(err) == 1  # one line, no traceback
-    assert err[0].startswith(f"error: {tmp_path / 'params.yaml'}: unknown key 'pretrain.lrr' "
+    assert err[0].startswith(f"error: {tmp_path / 'params.yaml'}: unknown key 'pretrain.gpt.lrr' "
                              "(allowed here: ")
     assert "lr, max_steps" in err[0]

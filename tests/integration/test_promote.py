@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from bigmodel import config, promote, tracking
+from bigmodel import config, promote, serving, tracking
 from bigmodel.errors import BigModelError
 from bigmodel.io import write_json
 
@@ -24,8 +24,8 @@ def params(tmp_path, monkeypatch):  # noqa: ANN001, ANN201
 
 
 def register(params, model_dir: Path, stage_dir: Path) -> str:  # noqa: ANN001
-    with tracking.stage_run("finetune", params, ["finetune"]) as run:
-        version = run.log_classifier(model_dir, "gate-clf", example=["read a file"])
+    with tracking.stage_run("finetune@gate", params, ["finetune.gpt-cls"]) as run:
+        version = serving.log_model(run, model_dir, "gate-clf", example=["read a file"])
     write_json(stage_dir / "registry.json", {"name": "gate-clf", "version": version})
     return version
 
@@ -80,7 +80,9 @@ def test_lower_is_better_for_bits_per_byte(params, tiny_classifier_dir, tmp_path
 def test_text_bpb_is_finite_and_a_missing_registry_file_is_a_clear_error(params, tiny_gpt_dir,
                                                                          tmp_path):  # noqa: ANN001
     texts = ["def read(path):\n    return open(path).read()\n" * 20] * 5
-    bpb = promote.text_bpb(tiny_gpt_dir, texts, max_bytes=2000, batch_size=4)
+    from bigmodel.tasks import clm
+
+    bpb = clm.text_bpb(tiny_gpt_dir, texts, max_bytes=2000, batch_size=4)
     assert 0 < bpb < 64 and math.isfinite(bpb)
     with pytest.raises(BigModelError, match="registry.json: not found"):
         promote._gate(params, tmp_path / "nowhere", "macro_f1", lambda f: 0.0, True, 0.01)

@@ -5,14 +5,14 @@ import pandas as pd
 import pytest
 import torch
 
-from bigmodel import evaluate
 from bigmodel.models.gpt import GPT, GPTConfig
+from bigmodel.tasks import clm, seq_cls
 
 
 def test_classification_scores_match_a_hand_count():
     actual = ["a", "a", "b", "b", "c"]
     predicted = ["a", "b", "b", "b", "a"]
-    s = evaluate.classification_scores(actual, predicted, ["a", "b", "c"])
+    s = seq_cls.classification_scores(actual, predicted, ["a", "b", "c"])
     assert s["accuracy"] == pytest.approx(3 / 5)
     # a: P=1/2 R=1/2 F1=1/2; b: P=2/3 R=1 F1=4/5; c: 0
     assert s["per_class"]["a"]["f1"] == pytest.approx(0.5)
@@ -26,7 +26,7 @@ def test_window_loss_is_the_mean_next_token_loss_over_consecutive_blocks():
     gpt = GPT(GPTConfig(vocab_size=30, block_size=8, n_layer=1, n_head=2, n_embd=16)).eval()
     data = np.random.default_rng(0).integers(0, 30, 8 * 5 + 3).astype(np.uint16)
     with torch.no_grad():
-        got = evaluate.window_loss(gpt, data, block=8, batch_size=2)
+        got = clm.window_loss(gpt, data, block=8, batch_size=2)
         x = torch.from_numpy(data[:40].astype(np.int64)).view(5, 8)
         y = torch.from_numpy(data[1:41].astype(np.int64)).view(5, 8)
         _, want = gpt(x, y)
@@ -40,5 +40,5 @@ def test_baselines_learn_an_easy_task_and_majority_predicts_the_mode():
     rows += [{"text": f"{words['net']} extra {i}", "label": "net"} for i in range(10)]
     table = pd.DataFrame(rows)
     train, val, test = table.iloc[:60], table.iloc[60:75], table.iloc[75:]
-    assert evaluate.bow_baseline(train, val, test, seed=0) == test["label"].tolist()
-    assert set(evaluate.majority_baseline(train, test)) == {train["label"].mode()[0]}
+    assert seq_cls.bow_baseline(train, val, test, seed=0) == test["label"].tolist()
+    assert set(seq_cls.majority_baseline(train, test)) == {train["label"].mode()[0]}

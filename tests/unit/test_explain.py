@@ -1,35 +1,62 @@
 import numpy as np
+import pytest
 
-from bigmodel import explain
-from bigmodel.predict import TextClassifier
+from bigmodel.tasks import attention, seq_cls
+from bigmodel.tasks.seq_cls import TextClassifier
+from bigmodel.text.tokenizers import encode_texts
 
 
-def test_shap_values_account_exactly_for_the_logits(tiny_classifier_dir):
-    clf = TextClassifier.load(tiny_classifier_dir)
+@pytest.mark.parametrize("fixture", ["tiny_classifier_dir", "tiny_bert_classifier_dir"])
+def test_shap_values_account_exactly_for_the_logits(fixture, request):
+    clf = TextClassifier.load(request.getfixturevalue(fixture))
     texts = ["Open the file and read it", "class Queue: a first-in first-out queue"]
-    values = explain.shap_values(clf, texts, max_evals=60, seed=0)
+    values = seq_cls.shap_values(clf, texts, max_evals=60, seed=0)
     assert values.values.shape[0] == 2 and values.values[0].shape[1] == 3
-    # one segment per token of our own tokenizer; the EOT suffix is never masked, so gets 0
-    assert len(values.data[0]) == len(clf.tokenizer.encode(texts[0]).ids)
-    assert values.data[0][-1] == "" and np.allclose(values.values[0][-1], 0, atol=1e-6)
+    # one segment per token of the model's own tokenizer; its special tokens (GPT's trailing
+    # EOT; BERT's [CLS] and [SEP]) are never masked, so they get 0
+    enc = clf.tokenizer.encode(texts[0])
+    assert len(values.data[0]) == len(enc.ids)
+    for j in [i for i, special in enumerate(enc.special_tokens_mask) if special]:
+        assert values.data[0][j] == "" and np.allclose(values.values[0][j], 0, atol=1e-6)
     assert "".join(values.data[0]).strip() == texts[0]
-    assert explain.additivity_error(clf, values, texts) < 1e-4
-    scores = explain.deletion_scores(clf, values, texts, clf.logits(texts).argmax(1), seed=0)
+    assert seq_cls.additivity_error(clf, values, texts) < 1e-4
+    scores = seq_cls.deletion_scores(clf, values, texts, clf.logits(texts).argmax(1), seed=0)
     assert set(scores) == {"deletion_drop_shap", "deletion_drop_random"}
     assert all(np.isfinite(v) for v in scores.values())
 
 
-def test_truncate_keeps_the_longest_prefix_that_fits(tiny_classifier_dir):
-    clf = TextClassifier.load(tiny_classifier_dir)
+@pytest.mark.parametrize("fixture", ["tiny_classifier_dir", "tiny_bert_classifier_dir"])
+def test_truncate_keeps_the_longest_prefix_that_fits(fixture, request):
+    clf = TextClassifier.load(request.getfixturevalue(fixture))
     text = " ".join(f"word{i}" for i in range(100))
-    short = explain.truncate(clf, text, max_len=10)
+    short = seq_cls.truncate(clf, text, max_len=10)
     assert text.startswith(short) and len(short) < len(text)
     assert len(clf.tokenizer.encode(short).ids) <= 10
-    assert explain.truncate(clf, "tiny", max_len=10) == "tiny"
+    assert seq_cls.truncate(clf, "tiny", max_len=10) == "tiny"
 
 
-def test_attention_figure_is_written(tiny_classifier_dir, tmp_path):
-    clf = TextClassifier.load(tiny_classifier_dir)
-    explain.plot_attention(clf, "read the file", tmp_path / "a.png")
-    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not clf.model.gpt.blocks[0].attn.keep_maps  # switched back off
+def test_attention_maps_are_causal_for_gpt_and_full_for_bert(tiny_classifier_dir,
+                                                             tiny_bert_classifier_dir, tmp_path):
+    for directory, causal in ((tiny_classifier_dir, True), (tiny_bert_classifier_dir, False)):
+        clf = TextClassifier.load(directory)
+        ids, lengths = encode_texts(clf.tokenizer, ["read the file and close it"], clf.max_len)
+        maps = attention.figure(clf.model, clf.model.backbone, clf.tokenizer, ids, lengths,
+                                tmp_path / "a.png")
+        assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert not clf.model.backbone.blocks[0].attn.keep_maps  # switched back off
+        m = maps[0]
+        assert m.shape == (lengths[0], lengths[0]) and np.allclose(m.sum(-1), 1, atol=1e-5)
+        above = np.triu(m, 1).max()
+        assert (above == 0) if causal else (above > 0)
+
+
+def test_attention_rollout_is_row_stochastic_and_follows_a_chain_of_attention():
+    # layer 1: every token attends to token 0; layer 2: likewise; rollout keeps rows summing to 1
+    # and puts most of the last token's flow on token 0
+    t = 4
+    a = np.zeros((t, t))
+    a[:, 0] = 1.0
+    r = attention.rollout([a, a])
+    assert np.allclose(r.sum(-1), 1)
+    assert r[-1, 0] > 0.7 and r[-1, 0] > r[-1, -1]
+    assert np.allclose(attention.rollout([np.eye(t)]), np.eye(t))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from bigmodel.errors import BigModelError
-from bigmodel.generate import TextGenerator, sample
+from bigmodel.tasks.clm import TextGenerator, sample
 from bigmodel.models.gpt import GPT, GPTConfig
 
 CFG = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)

@@ -1,8 +1,11 @@
 import numpy as np
 import pandas as pd
 
-from bigmodel import config, tokenize
-from bigmodel.tokenizer import EOT, bytes_per_token
+from bigmodel import config
+from bigmodel.stages import tokenize
+from bigmodel.stages.tokenizer import bytes_per_token
+from bigmodel.text import shards
+from bigmodel.text.tokenizers import EOT, encode_texts, encode_words, specials
 
 
 def test_bpe_roundtrips_code_and_unicode_and_ends_documents_with_eot(tiny_tokenizer):
@@ -25,25 +28,78 @@ def test_bytes_per_token_counts_text_bytes_over_tokens_without_eot(tiny_tokenize
 def test_tokenize_writes_flat_uint16_shards_equal_to_the_encodings(tiny_tokenizer, tiny_texts, tmp_path):
     params = config.validate({"tokenize": {"batch_size": 7}})
     params._root = tmp_path
-    prepared = params.path("prepared")
+    prepared = params.path("data", "stdlib") / "prepared"
     prepared.mkdir(parents=True)
     for i, split in enumerate(("train", "val", "test")):
         pd.DataFrame({"text": tiny_texts[i::3]}).to_parquet(prepared / f"pretrain_{split}.parquet")
-    params.path("tokenizer").mkdir(parents=True)
-    tiny_tokenizer.save(str(params.path("tokenizer") / "tokenizer.json"))
-    tokenize.run(params)
+    params.path("tokenizer", "bpe").mkdir(parents=True)
+    tiny_tokenizer.save(str(params.path("tokenizer", "bpe") / "tokenizer.json"))
+    tokenize.run(params, "gpt")
 
-    data, meta = tokenize.load_split(params.path("tokens"), "val")
-    expected = [i for t in tiny_texts[1::3] for i in tiny_tokenizer.encode(t).ids]
-    assert data.dtype == np.uint16
-    assert data.tolist() == expected  # batches of 7 joined in order, each doc ending in EOT
-    assert meta["splits"]["val"] == {"tokens": len(expected),
-                                     "bytes": sum(len(t.encode()) for t in tiny_texts[1::3])}
-    assert meta["eot_id"] == tiny_tokenizer.token_to_id(EOT)
+    val = shards.load_split(params.path("tokens", "gpt"), "val")
+    encodings = [tiny_tokenizer.encode(t).ids for t in tiny_texts[1::3]]
+    expected = [i for ids in encodings for i in ids]
+    assert val.tokens.dtype == np.uint16
+    assert val.tokens.tolist() == expected  # batches of 7 joined in order, each doc ending in EOT
+    assert val.n_bytes == sum(len(t.encode()) for t in tiny_texts[1::3])
+    assert val.doc_starts.tolist() == np.cumsum([0] + [len(e) for e in encodings[:-1]]).tolist()
+    assert shards.read_meta(params.path("tokens", "gpt"))["tokenizer"] == "bpe"
+
+
+def test_bert_shards_drop_cls_and_end_every_document_with_sep(tiny_wordpiece, tiny_texts, tmp_path):
+    params = config.validate({})
+    params._root = tmp_path
+    prepared = params.path("data", "stdlib") / "prepared"
+    prepared.mkdir(parents=True)
+    for i, split in enumerate(("train", "val", "test")):
+        pd.DataFrame({"text": tiny_texts[i::3]}).to_parquet(prepared / f"pretrain_{split}.parquet")
+    params.path("tokenizer", "wordpiece").mkdir(parents=True)
+    tiny_wordpiece.save(str(params.path("tokenizer", "wordpiece") / "tokenizer.json"))
+    tokenize.run(params, "bert")
+
+    train = shards.load_split(params.path("tokens", "bert"), "train")
+    sp = specials(tiny_wordpiece)
+    ends = np.append(train.doc_starts[1:], len(train.tokens)) - 1
+    assert (train.tokens[ends] == sp.sep).all()
+    assert sp.cls not in train.tokens.tolist()
+    assert len(train.doc_starts) == len(tiny_texts[0::3])
+
+
+def test_wordpiece_has_berts_special_tokens_first_and_wraps_texts_in_cls_sep(tiny_wordpiece):
+    sp = specials(tiny_wordpiece)
+    assert [tiny_wordpiece.id_to_token(i) for i in range(5)] == [
+        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert (sp.pad, sp.cls, sp.sep, sp.mask, sp.n_special) == (0, 2, 3, 4, 5)
+    enc = tiny_wordpiece.encode("def add(a, b)")
+    assert enc.ids[0] == sp.cls and enc.ids[-1] == sp.sep
+    assert "Queue" in tiny_wordpiece.decode(tiny_wordpiece.encode("class Queue").ids)  # cased
+
+
+def test_encode_texts_pads_right_and_keeps_the_special_tokens_when_truncating(tiny_wordpiece):
+    ids, lengths = encode_texts(tiny_wordpiece, ["def add", "def add(a, b): return a + b"], 6)
+    sp = specials(tiny_wordpiece)
+    assert ids.shape == (2, 6) and lengths.tolist() == [int((ids[0] != sp.pad).sum()), 6]
+    assert ids[1, 0] == sp.cls and ids[1, -1] == sp.sep  # truncated, still [CLS] ... [SEP]
+    assert (ids[0, lengths[0]:] == sp.pad).all()
+
+
+def test_encode_words_maps_every_subword_to_its_word(tiny_tokenizer, tiny_wordpiece):
+    words = ["def", "naïveword", "(", "a", ")"]
+    for tok in (tiny_tokenizer, tiny_wordpiece):
+        ids, lengths, word_ids = encode_words(tok, [words], 32)
+        real = [w for w in word_ids[0] if w is not None]
+        assert sorted(set(real)) == list(range(len(words)))  # every word has a token
+        assert real == sorted(real)  # in order
+        pieces = {}
+        for i, w in zip(ids[0], word_ids[0]):
+            if w is not None:
+                pieces.setdefault(w, []).append(int(i))
+        for w, word in enumerate(words):  # a word's tokens decode back to it
+            assert tok.decode(pieces[w]).strip().replace(" ", "") == word.replace(" ", "")
 
 
 def test_char_tokenizer_has_one_token_per_character_and_maps_unseen_ones_to_unk(tmp_path):
-    from bigmodel.tokenizer import UNK, train_char
+    from bigmodel.text.tokenizers import UNK, train_char
 
     tok = train_char(iter(["Prince Andrew", "naïve\tpeace\n"]))
     text = "peace Andrew\n"

@@ -11,7 +11,7 @@ from bigmodel.config import Optim
 from bigmodel.errors import BigModelError
 from bigmodel.models.gpt import GPT, GPTConfig
 from bigmodel.train.distributed import World
-from bigmodel.train.pretrain import WindowSampler, lm_loss
+from bigmodel.objectives.clm import WindowSampler, lm_loss
 from bigmodel.train.trainer import Trainer, lr_at
 
 CFG = GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16)
@@ -178,7 +178,7 @@ def test_asking_for_cuda_without_one_is_a_user_error():
 
 
 def test_a_checkpoint_stores_the_tied_matrix_once_and_loads_as_a_plain_model(tmp_path):
-    from bigmodel.models.gpt import load_weights
+    from bigmodel.models.registry import load_weights
 
     trainer, sampler = fresh(3)
     fit(trainer, sampler, checkpoint=saver(trainer, sampler, tmp_path / "ckpt"), interval=3)

@@ -1,10 +1,11 @@
-"""The `source` stage: a snapshot of the raw data source, so that DVC can tell when it changed.
+"""Stage `source@<data run>`: a snapshot of the raw data source, so that DVC can tell when it
+changed.
 
 The raw data lives outside DVC's view (the stdlib of this Python, a glob of local files, a hub
 dataset). This stage lists it — every file with its size and SHA-256, or the hub dataset's
-resolved revision — into `paths.source`, which `prepare` depends on. Refreshing the snapshot
-(`dvc repro -f -s source`, done by both flows) therefore reruns `prepare` and everything after
-it exactly when the data changed, and nothing when it did not.
+resolved revision — into `data/<run>/source.json`, which `prepare@<run>` depends on. Refreshing
+the snapshots (`dvc repro -f -s source@<run>`, done by both flows) therefore reruns `prepare`
+and everything after it exactly when the data changed, and nothing when it did not.
 """
 
 from __future__ import annotations
@@ -20,31 +21,36 @@ from bigmodel.config import HFSource, Params
 from bigmodel.data import sources
 from bigmodel.errors import BigModelError
 from bigmodel.io import sha256_file, write_json
+from bigmodel.stages import param_keys
 
 
-def run(params: Params) -> str:
-    snap = snapshot(params)
-    with tracking.stage_run("source", params, ["prepare"]) as mlrun:
-        write_json(params.path("source"), snap)
+def source_file(params: Params, name: str) -> Path:
+    return params.path("data", name) / "source.json"
+
+
+def run(params: Params, name: str) -> str:
+    snap = snapshot(params, name)
+    with tracking.stage_run(f"source@{name}", params, param_keys(params, "source", name)) as mlrun:
+        write_json(source_file(params, name), snap)
         counts = {"files": snap["files"], "bytes": snap["bytes"]}
-        write_json(params.metrics_file("source"), counts)
+        write_json(params.metrics_file("source", name), counts)
         mlrun.metrics(counts)
         mlrun.tags({"bigmodel.source_digest": snap["digest"]})
     return f"{snap['source']}: {snap['files']} files, {snap['bytes']:,} bytes, digest {snap['digest'][:12]}"
 
 
-def snapshot(params: Params) -> dict[str, object]:
-    cfg = params.prepare
+def snapshot(params: Params, name: str) -> dict[str, object]:
+    cfg = params.data[name]
     if cfg.source == "builtin":
         root, files = sources.builtin_files()
         entries = file_entries(root, files)
         where: dict[str, object] = {"stdlib": str(root), "python": sys.version.split()[0]}
     elif cfg.source == "files":
-        files = sources.matching_files(cfg.files, params.root)
+        files = sources.matching_files(cfg.files, params.root, f"data.{name}.files")
         entries = file_entries(params.root, files)
-        where = {"glob": cfg.files.glob}
+        where = {"glob": cfg.files.glob, "splits": dict(cfg.files.splits)}
     else:
-        entries, where = hf_entries(cfg.hf)
+        entries, where = hf_entries(cfg.hf, f"data.{name}.hf")
     stable = {k: v for k, v in where.items() if k != "resolved_error"}  # not part of the data
     blob = json.dumps({"where": stable, "entries": entries}, sort_keys=True).encode()
     return {
@@ -68,11 +74,11 @@ def file_entries(root: Path, files: list[Path]) -> list[dict[str, object]]:
     return out
 
 
-def hf_entries(spec: HFSource) -> tuple[list[dict[str, object]], dict[str, object]]:
+def hf_entries(spec: HFSource, key: str) -> tuple[list[dict[str, object]], dict[str, object]]:
     """A local dataset folder: its files. A hub id: the commit its revision resolves to now
     (needs network; offline, the requested revision is all there is to record)."""
     if not spec.name:
-        raise BigModelError("prepare.hf.name: empty (a hub dataset id or a local dataset folder)")
+        raise BigModelError(f"{key}.name: empty (a hub dataset id or a local dataset folder)")
     where: dict[str, object] = {"name": spec.name, "config": spec.config,
                                 "revision": spec.revision, "split": spec.split}
     local = Path(spec.name)

@@ -1,0 +1,169 @@
+"""Stage `pretrain@<run>`: a model of the run's family trained with the run's objective on the
+run's token shards (the one trainer, bigmodel/train/trainer.py, for every family).
+
+Output: `models/pretrain/<run>/` model.safetensors + config.json (family, task = objective,
+architecture) + tokenizer.json (the final model, a folder that stands on its own) and
+checkpoint/ (what `--resume` continues from); metrics/pretrain/<run>.json;
+plots/pretrain/<run>.csv. A causal LM is also logged to MLflow as a text generator and
+registered as `bigmodel-<run>`.
+
+Under torchrun (`bigmodel pretrain --nproc N`) every rank trains on its slice of each global batch
+and rank 0 alone writes outputs and logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from bigmodel import tracking
+from bigmodel.config import Params
+from bigmodel.io import atomic_path, sha256_file, write_json
+from bigmodel.models import registry
+from bigmodel.stages import param_keys
+from bigmodel.text import shards
+from bigmodel.text.tokenizers import load as load_tokenizer, specials
+from bigmodel.train import distributed
+from bigmodel.train.distributed import World
+from bigmodel.train.trainer import FitResult, History, Trainer, pick_device, seed_everything
+
+OUTPUTS = ("checkpoint", "model.safetensors", "config.json", "tokenizer.json", "registry.json")
+
+
+def run(params: Params, name: str, resume: bool = False) -> str:
+    world = distributed.init(pick_device(params.pretrain[name].device).type)  # from torchrun's env
+    ok = False
+    try:
+        summary = train(params, name, resume, world)
+        ok = True
+        return summary
+    finally:
+        distributed.shutdown(world, ok)
+
+
+def train(params: Params, name: str, resume: bool, world: World) -> str:
+    spec = params.pretrain[name]
+    # Every rank builds the model from the seed a single process uses (FSDP cuts each rank's
+    # shard from its own copy); then the other ranks get their own dropout streams.
+    seed_everything(params.seed)
+    tokens_dir, out = params.path("tokens", name), params.path("pretrain", name)
+    meta = shards.read_meta(tokens_dir)
+    tok_dir = params.path("tokenizer", spec.tokenizer)
+    tok = load_tokenizer(tok_dir)
+    arch = registry.arch_config(spec.family, {**spec.model_dump(), "vocab_size": meta["vocab_size"],
+                                              "pad_id": specials(tok).pad})
+    model = registry.build(spec.family, arch)
+    if world.rank:
+        seed_everything(params.seed + world.rank)
+    trainer = Trainer(model, spec, spec.max_steps, world, spec.parallel, label=f"pretrain@{name}")
+    objective = importlib.import_module(f"bigmodel.objectives.{spec.objective}").make(
+        spec, shards.load_split(tokens_dir, "train"), shards.load_split(tokens_dir, "val"),
+        specials(tok), f"pretrain.{name}", params.seed, trainer.device, world)
+    ckpt = out / "checkpoint"
+    if world.is_main:
+        remove_partial_writes(out)
+    history = History(lambda values, step: None)
+    if resume:
+        state = trainer.load_checkpoint(ckpt)
+        objective.sampler.gen.set_state(state["sampler_rng"])
+        history.rows = state.get("history", [])  # the plot keeps the curve from before the resume
+
+    def checkpoint() -> None:
+        trainer.save_checkpoint(ckpt, {"sampler_rng": objective.sampler.gen.get_state(),
+                                       "history": history.rows})
+
+    with main_rank_run(world, params, name) as mlrun:
+        if mlrun:
+            mlrun.metrics({"n_params": model.num_params(), "train_tokens": meta["splits"]["train"]["tokens"]})
+            history.sink = mlrun.metrics
+        result = trainer.fit(
+            objective.next_batch, objective.loss,
+            evaluate=lambda: objective.evaluate(model), eval_interval=spec.eval_interval,
+            log=history, log_interval=spec.log_interval,
+            tokens_per_step=objective.units_per_step, unit=objective.unit,
+            flops_per_token=objective.flops_per_unit(model),
+            checkpoint=checkpoint, checkpoint_interval=spec.checkpoint_interval,
+        )
+        final = trainer.full_model(lambda: registry.build(spec.family, arch))  # gathers FSDP shards
+        if not mlrun:
+            return f"rank {world.rank}: step {result.step}"
+        assert final is not None
+        save_final(final, spec.family, spec.objective, arch, out,
+                   {"tokenizer_sha256": sha256_file(tok_dir / "tokenizer.json")})
+        with atomic_path(out / "tokenizer.json") as tmp:  # the model folder stands on its own
+            shutil.copy(tok_dir / "tokenizer.json", tmp)
+        return publish(params, name, final, result, history, mlrun)
+
+
+@contextmanager
+def main_rank_run(world: World, params: Params, name: str) -> Iterator[tracking.StageRun | None]:
+    """The stage's MLflow run on rank 0; None on the other ranks, which log nothing."""
+    if not world.is_main:
+        yield None
+        return
+    with tracking.stage_run(f"pretrain@{name}", params, param_keys(params, "pretrain", name)) as mlrun:
+        yield mlrun
+
+
+def publish(params: Params, name: str, model: nn.Module, result: FitResult, history: History,
+            mlrun: tracking.StageRun) -> str:
+    """Write metrics and plot; register the model when its task serves (rank 0 only)."""
+    spec, out = params.pretrain[name], params.path("pretrain", name)
+    registered = ""
+    if spec.objective == "clm":  # a text generator; an MLM encoder is served through its finetunes
+        version = register(mlrun, out, params.registered_name(name))
+        registered = f"; registered {params.registered_name(name)} v{version}"
+    metrics = {
+        "train_loss": result.train_loss,
+        **result.eval_metrics,
+        "tokens_per_s": result.tokens_per_s,
+        "seconds": result.seconds,
+        "steps": result.step,
+        "n_params": model.num_params(),
+    }
+    write_json(params.metrics_file("pretrain", name), metrics)
+    columns = ["train_loss", *[k for k in result.eval_metrics]]
+    history.write_csv(params.plot_file("pretrain", name), columns)
+    mlrun.artifact(params.plot_file("pretrain", name), "plots")
+    evals = ", ".join(f"{k} {v:.3f}" for k, v in result.eval_metrics.items())
+    return (f"step {result.step}: train loss {result.train_loss:.3f}, {evals}, "
+            f"{result.tokens_per_s:,.0f} tokens/s{registered}")
+
+
+def remove_partial_writes(out: Path) -> None:
+    """Temporary folders a killed run left beside its outputs (see io.atomic_path)."""
+    if out.is_dir():
+        for output in OUTPUTS:
+            for stale in out.glob(f".{output}.*"):
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def register(mlrun: tracking.StageRun, out: Path, registered_name: str) -> str:
+    """Log weights, config and tokenizer (not the training checkpoint) as the servable model;
+    note the registry version in the model folder."""
+    from bigmodel import serving
+
+    with tempfile.TemporaryDirectory() as d:
+        for file in ("model.safetensors", "config.json", "tokenizer.json"):
+            shutil.copy(out / file, Path(d) / file)
+        version = serving.log_model(mlrun, Path(d), registered_name)
+    write_json(out / "registry.json", {"name": registered_name, "version": version,
+                                       "run_id": mlrun.run_id})
+    return version
+
+
+def save_final(model: nn.Module, family: str, task: str, arch: Any, out: Path,
+               extra: dict[str, Any]) -> None:
+    """Replace the final model files atomically; the checkpoint folder beside them stays."""
+    for file in ("model.safetensors", "config.json"):
+        with atomic_path(out / file) as tmp:
+            staging = tmp.parent / "stage"
+            registry.save(model, staging, family, task, arch, extra)
+            (staging / file).rename(tmp)

@@ -1,0 +1,82 @@
+"""Stage `tokenize@<pretrain run>`: encode the run's corpus with the run's tokenizer into one
+flat token file per split (the layout: bigmodel/text/shards.py)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer
+
+from bigmodel import tracking
+from bigmodel.config import SPLIT_NAMES, Params
+from bigmodel.errors import BigModelError
+from bigmodel.io import atomic_path, sha256_file, write_json
+from bigmodel.stages import param_keys
+from bigmodel.text.tokenizers import load as load_tokenizer
+
+
+def run(params: Params, name: str) -> str:
+    spec = params.pretrain[name]
+    prepared = params.path("data", spec.corpus) / "prepared"
+    tok_file = params.path("tokenizer", spec.tokenizer) / "tokenizer.json"
+    tok = load_tokenizer(tok_file)
+    vocab = tok.get_vocab_size()
+    dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
+    meta: dict[str, object] = {
+        "dtype": np.dtype(dtype).name,
+        "vocab_size": vocab,
+        "tokenizer": spec.tokenizer,
+        "tokenizer_sha256": sha256_file(tok_file),
+        "splits": {},
+    }
+    out = params.path("tokens", name)
+    with tracking.stage_run(f"tokenize@{name}", params, param_keys(params, "tokenize", name)) as mlrun, \
+            atomic_path(out) as tmp:
+        tmp.mkdir()
+        for split in SPLIT_NAMES:
+            src = prepared / f"pretrain_{split}.parquet"
+            if not src.is_file():
+                raise BigModelError(f"{src}: not found (run `bigmodel prepare --name "
+                                    f"{spec.corpus}` first)")
+            n_tokens, n_bytes, starts = encode_file(tok, src, tmp / f"{split}.bin", dtype,
+                                                    params.tokenize.batch_size)
+            np.save(tmp / f"{split}_docs.npy", starts)
+            meta["splits"][split] = {"tokens": n_tokens, "bytes": n_bytes,  # type: ignore[index]
+                                     "documents": len(starts)}
+            mlrun.metrics({f"{split}_tokens": n_tokens,
+                           f"{split}_bytes_per_token": n_bytes / max(n_tokens, 1)})
+        write_json(tmp / "meta.json", meta)
+    write_json(params.metrics_file("tokenize", name),
+               {f"{s}_tokens": v["tokens"] for s, v in meta["splits"].items()})  # type: ignore[union-attr]
+    train = meta["splits"]["train"]  # type: ignore[index]
+    return f"train {train['tokens']:,} tokens in {train['documents']:,} documents ({meta['dtype']})"
+
+
+def encode_file(tok: Tokenizer, src: Path, dst: Path, dtype: type, batch_size: int
+                ) -> tuple[int, int, np.ndarray]:
+    """Encode in batches (the Rust encoder runs them in parallel) and append each batch as one
+    flat array; returns (tokens written, UTF-8 bytes of the text, document start offsets)."""
+    n_tokens = n_bytes = 0
+    starts: list[int] = []
+    with open(dst, "wb") as f:
+        for batch in pq.ParquetFile(src).iter_batches(batch_size=batch_size, columns=["text"]):
+            texts = batch.column(0).to_pylist()
+            ids = [doc_ids(e.ids, tok) for e in tok.encode_batch(texts)]
+            lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+            starts.extend((n_tokens + np.concatenate([[0], np.cumsum(lengths)[:-1]])).tolist())
+            count = int(lengths.sum())
+            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=count)
+            f.write(flat.tobytes())
+            n_tokens += count
+            n_bytes += sum(len(t.encode("utf-8")) for t in texts)
+    return n_tokens, n_bytes, np.asarray(starts, dtype=np.int64)
+
+
+def doc_ids(ids: list[int], tok: Tokenizer) -> list[int]:
+    """A document's tokens in the stream: GPT's end with <|endoftext|> as encoded; BERT's drop
+    the leading [CLS] (each training window adds its own) and keep the closing [SEP]."""
+    cls = tok.token_to_id("[CLS]")
+    return ids[1:] if cls is not None and ids and ids[0] == cls else ids

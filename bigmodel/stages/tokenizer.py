@@ -1,0 +1,56 @@
+"""Stage `tokenizer@<run>`: train a tokenizer (bpe, wordpiece or char; bigmodel/text/tokenizers.py)
+on the pretraining train split of the run's data, only.
+
+Output: `models/tokenizer/<run>/tokenizer.json`; metrics/tokenizer/<run>.json (vocabulary, bytes
+per token on val).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer
+
+from bigmodel import tracking
+from bigmodel.config import Params
+from bigmodel.errors import BigModelError
+from bigmodel.io import atomic_path, write_json
+from bigmodel.stages import param_keys
+from bigmodel.text import tokenizers
+
+
+def run(params: Params, name: str) -> str:
+    cfg = params.tokenizer[name]
+    prepared, out = params.path("data", cfg.data) / "prepared", params.path("tokenizer", name)
+    with tracking.stage_run(f"tokenizer@{name}", params, param_keys(params, "tokenizer", name)) as mlrun:
+        texts = iter_texts(prepared / "pretrain_train.parquet")
+        tok = tokenizers.train(cfg.kind, texts, cfg.vocab_size, cfg.min_frequency)
+        metrics = {
+            "vocab_size": tok.get_vocab_size(),
+            "val_bytes_per_token": bytes_per_token(tok, prepared / "pretrain_val.parquet"),
+        }
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            tok.save(str(tmp / "tokenizer.json"))
+        write_json(params.metrics_file("tokenizer", name), metrics)
+        mlrun.metrics(metrics)
+        mlrun.artifact(out / "tokenizer.json", "tokenizer")
+    return (f"{cfg.kind}: vocab {metrics['vocab_size']}, {metrics['val_bytes_per_token']:.2f} "
+            f"bytes/token on val")
+
+
+def iter_texts(parquet: Path, batch_rows: int = 256) -> Iterator[str]:
+    if not parquet.is_file():
+        raise BigModelError(f"{parquet}: not found (run `bigmodel prepare` first)")
+    for batch in pq.ParquetFile(parquet).iter_batches(batch_size=batch_rows, columns=["text"]):
+        yield from batch.column(0).to_pylist()
+
+
+def bytes_per_token(tok: Tokenizer, parquet: Path) -> float:
+    texts = list(iter_texts(parquet))
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    added = tokenizers.added_per_text(tok)
+    n_tokens = sum(len(e.ids) - added for e in tok.encode_batch(texts))
+    return n_bytes / max(n_tokens, 1)

@@ -1,0 +1,67 @@
+"""Attention maps of any backbone, and attention rollout (Abnar & Zuidema, 2020).
+
+Each block's attention is recorded during one forward pass (the explicit-softmax path of
+`layers.SelfAttention`), averaged over heads. Rollout follows attention through the layers:
+each layer's map plus the identity (the residual path), rows renormalised, multiplied from the
+first layer up, so entry (i, j) estimates how much token j flows into token i's last state. A
+GPT's maps are lower-triangular (causal); a BERT's are full.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+
+
+@torch.no_grad()
+def maps(model: nn.Module, backbone: nn.Module, ids: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+    """Every layer's head-averaged attention (T, T) for the one row of `ids` (1, T)."""
+    backbone.attention_maps(True)
+    try:
+        model(torch.from_numpy(ids), torch.from_numpy(lengths))
+        n = int(lengths[0])
+        return [b.attn.last_map[0].mean(0)[:n, :n].float().numpy() for b in backbone.blocks]
+    finally:
+        backbone.attention_maps(False)
+
+
+def rollout(layer_maps: list[np.ndarray]) -> np.ndarray:
+    out = np.eye(layer_maps[0].shape[0])
+    for a in layer_maps:
+        a = 0.5 * a + 0.5 * np.eye(a.shape[0])
+        out = (a / a.sum(-1, keepdims=True)) @ out
+    return out
+
+
+def token_labels(tok: Tokenizer, ids: np.ndarray) -> list[str]:
+    return [tok.id_to_token(int(i)).replace("Ġ", "·") for i in ids]
+
+
+def figure(model: nn.Module, backbone: nn.Module, tok: Tokenizer, ids: np.ndarray,
+           lengths: np.ndarray, path: Path) -> list[np.ndarray]:
+    """Each layer's map and the rollout, side by side, in one PNG; returns the layer maps."""
+    layer_maps = maps(model, backbone, ids, lengths)
+    labels = token_labels(tok, ids[0, : int(lengths[0])])
+    panels = [*[(f"layer {i} (mean of heads)", m) for i, m in enumerate(layer_maps)],
+              ("attention rollout", rollout(layer_maps))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
+    for ax, (title, m) in zip(axes[0], panels):
+        ax.imshow(m, cmap="viridis", vmin=0, vmax=max(float(m.max()), 1e-6))
+        ax.set_title(title, fontsize=9)
+        if len(labels) <= 40:
+            ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+            ax.set_yticks(range(len(labels)), labels, fontsize=6)
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=90)
+    plt.close(fig)
+    return layer_maps

@@ -1,0 +1,40 @@
+"""Task `mlm`: a BERT encoder scored on masked-token prediction.
+
+Evaluation draws fixed masked batches from the test shard (the pretraining sampler, the same
+15% / 80-10-10 masking) and reports masked-token accuracy and loss (and NSP accuracy for a
+model trained with it), beside a unigram model of the train split on the same masked positions.
+An MLM encoder is not registered for serving: its finetuned classifiers and taggers are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bigmodel.models import registry
+from bigmodel.objectives import mlm as objective
+from bigmodel.text.shards import Split
+from bigmodel.text.tokenizers import load as load_tokenizer, specials
+
+GATE_METRIC, HIGHER_IS_BETTER = "masked_accuracy", True
+
+
+def evaluate(model_dir: Path, test: Split, train: Split, n_batches: int, batch_size: int,
+             seed: int, mask_rate: float) -> tuple[dict[str, Any], str]:
+    info = registry.read_config(model_dir)
+    model = registry.build(info["family"], info["arch"])
+    registry.load_weights(model, model_dir)
+    model.eval()
+    sp = objective.specials_of(specials(load_tokenizer(model_dir / "tokenizer.json")))
+    sampler = objective.MLMSampler(test.tokens, test.doc_starts, info["arch"]["block_size"],
+                                   batch_size, seed, model.wte.weight.device, sp,
+                                   bool(info["arch"].get("nsp")), rate=mask_rate)
+    batches = [sampler() for _ in range(n_batches)]
+    scores = objective.mlm_metrics(model, batches)
+    baseline = objective.unigram_baseline(train.tokens, sp, batches)
+    metrics = {"task": "mlm", "family": info["family"], "test": scores,
+               "baselines": {"unigram": baseline},
+               "gate": {GATE_METRIC: scores[GATE_METRIC]}}
+    nsp = f", NSP accuracy {scores['nsp_accuracy']:.3f}" if "nsp_accuracy" in scores else ""
+    return metrics, (f"test masked-token accuracy {scores['masked_accuracy']:.3f} (unigram "
+                     f"{baseline['masked_accuracy']:.3f}), loss {scores['mlm_loss']:.3f}{nsp}")

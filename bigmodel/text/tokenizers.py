@@ -1,0 +1,189 @@
+"""Tokenizers (HF `tokenizers`), their special tokens, and how text becomes padded id arrays.
+
+- `bpe`: byte-level BPE with `vocab_size` entries (any byte sequence stays encodable); a text
+  encodes to its tokens followed by `<|endoftext|>` (GPT).
+- `wordpiece`: BERT's WordPiece (lower-casing off: code is case-sensitive), with
+  [PAD] [UNK] [CLS] [SEP] [MASK] as ids 0-4; a text encodes to `[CLS] tokens [SEP]`.
+- `char`: one token per character seen in the train split plus `<|unk|>` (nanoGPT's
+  character-level setup, for like-for-like comparisons; bits per byte compares any of them).
+
+Each tokenizer's own post-processor adds its family's special tokens, so `encode_texts` and
+`encode_words` work for any of them; `specials(tok)` names the ids a model needs.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+
+from bigmodel.errors import BigModelError
+
+EOT = "<|endoftext|>"
+PAD = "<|pad|>"
+UNK = "<|unk|>"
+GPT_SPECIALS = [EOT, PAD]
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@dataclass(frozen=True)
+class Specials:
+    """The special-token ids of a tokenizer; absent ones are None."""
+
+    pad: int
+    eot: int | None = None  # GPT: end of text (ends every document)
+    unk: int | None = None
+    cls: int | None = None  # BERT
+    sep: int | None = None
+    mask: int | None = None
+    n_special: int = 0  # ids below this are special tokens (WordPiece puts them first)
+    vocab_size: int = 0
+
+
+def specials(tok: Tokenizer) -> Specials:
+    if tok.token_to_id("[CLS]") is not None:
+        ids = [tok.token_to_id(t) for t in BERT_SPECIALS]
+        return Specials(pad=ids[0], unk=ids[1], cls=ids[2], sep=ids[3], mask=ids[4],
+                        n_special=max(ids) + 1, vocab_size=tok.get_vocab_size())
+    pad = tok.token_to_id(PAD)
+    if pad is None:
+        raise BigModelError("tokenizer has neither BERT's [PAD] nor GPT's <|pad|> token; "
+                            "retrain it with `bigmodel tokenizer`")
+    return Specials(pad=pad, eot=tok.token_to_id(EOT), unk=tok.token_to_id(UNK),
+                    n_special=len(GPT_SPECIALS), vocab_size=tok.get_vocab_size())
+
+
+def train(kind: str, texts: Iterator[str], vocab_size: int, min_frequency: int) -> Tokenizer:
+    if kind == "char":
+        return train_char(texts)
+    if kind == "wordpiece":
+        return train_wordpiece(texts, vocab_size, min_frequency)
+    return train_bpe(texts, vocab_size, min_frequency)
+
+
+def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=GPT_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # any byte stays encodable
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return _end_with_eot(tok)
+
+
+def train_wordpiece(texts: Iterator[str], vocab_size: int, min_frequency: int) -> Tokenizer:
+    """BERT's WordPiece: split on whitespace and punctuation, `##` continuation pieces. No
+    lower-casing or accent stripping: code and identifiers are case-sensitive."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=BERT_SPECIALS, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tok
+
+
+def train_char(texts: Iterator[str]) -> Tokenizer:
+    """A character-level tokenizer: every character of the training texts is one token."""
+    chars: set[str] = set()
+    for text in texts:
+        chars.update(text)
+    vocab = {t: i for i, t in enumerate([*GPT_SPECIALS, UNK, *sorted(chars)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([*GPT_SPECIALS, UNK])
+    return _end_with_eot(tok)
+
+
+def _end_with_eot(tok: Tokenizer) -> Tokenizer:
+    eot = tok.token_to_id(EOT)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"$A {EOT}", special_tokens=[(EOT, eot)]
+    )
+    return tok
+
+
+def load(path: Path) -> Tokenizer:
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise BigModelError(f"{file}: tokenizer not found (run `bigmodel tokenizer` first)")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # noqa: BLE001 - the Rust library's error for a corrupt file
+        raise BigModelError(f"{file}: not a valid tokenizer file ({str(e).splitlines()[0]})") from None
+
+
+def added_per_text(tok: Tokenizer) -> int:
+    """How many special tokens the post-processor adds to one text (1 for GPT, 2 for BERT)."""
+    return tok.post_processor.num_special_tokens_to_add(False) if tok.post_processor else 0
+
+
+def encode_texts(tok: Tokenizer, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids (with the tokenizer's special tokens) right-padded to the longest text
+    (≤ max_len) and each text's length: (N, L) int64, (N,) int64."""
+    tok = Tokenizer.from_str(tok.to_str())  # a private copy: truncation/padding are stateful
+    tok.enable_truncation(max_len)
+    pad = specials(tok).pad
+    tok.enable_padding(pad_id=pad, pad_token=tok.id_to_token(pad))
+    enc = tok.encode_batch(texts)
+    ids = np.array([e.ids for e in enc], dtype=np.int64).reshape(len(texts), -1)
+    lengths = np.array([sum(e.attention_mask) for e in enc], dtype=np.int64)
+    return ids, lengths
+
+
+def encode_words(tok: Tokenizer, sentences: list[list[str]], max_len: int
+                 ) -> tuple[np.ndarray, np.ndarray, list[list[int | None]]]:
+    """Pre-split words → token ids as `encode_texts` gives them, plus each token's word index
+    (None for special tokens and padding). Words are joined by single spaces and mapped back by
+    character offsets, so a byte-level BPE sees the spaces it was trained with."""
+    texts, spans = [], []
+    for words in sentences:
+        pos, starts = 0, []
+        for w in words:
+            starts.append((pos, pos + len(w)))
+            pos += len(w) + 1
+        texts.append(" ".join(words))
+        spans.append(starts)
+    copy = Tokenizer.from_str(tok.to_str())
+    copy.enable_truncation(max_len)
+    pad = specials(copy).pad
+    copy.enable_padding(pad_id=pad, pad_token=copy.id_to_token(pad))
+    enc = copy.encode_batch(texts)
+    ids = np.array([e.ids for e in enc], dtype=np.int64).reshape(len(texts), -1)
+    lengths = np.array([sum(e.attention_mask) for e in enc], dtype=np.int64)
+    word_ids: list[list[int | None]] = []
+    for e, starts in zip(enc, spans):
+        firsts = [a for a, _ in starts]
+        row: list[int | None] = []
+        for special, (a, b) in zip(e.special_tokens_mask, e.offsets):
+            # a token belongs to the word holding its last character (a byte-level BPE token
+            # starts at the space before its word); a token of spaces only, to no word
+            w = bisect.bisect_right(firsts, b - 1) - 1
+            inside = not special and b > a and w >= 0 and b - 1 < starts[w][1]
+            row.append(w if inside else None)
+        word_ids.append(row)
+    return ids, lengths, word_ids
