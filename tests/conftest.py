@@ -51,9 +51,15 @@ def git(root: Path, *args: str) -> None:
                    check=True, capture_output=True)
 
 
-def make_project(root: Path, overrides: dict | None = None, with_flows: bool = False) -> Path:
+# The GPT chain alone (for tests of the flows' mechanics, not of the families).
+GPT_ONLY = {"tokenizer": ["bpe"], "pretrain": ["gpt"], "finetune": ["gpt-cls"]}
+
+
+def make_project(root: Path, overrides: dict | None = None, with_flows: bool = False,
+                 only: dict[str, list[str]] | None = None) -> Path:
     """A fresh git + DVC project holding this repo's dvc.yaml and code and a tiny params.yaml
-    (and, `with_flows`, the Prefect flows and prefect.yaml, for deploying from it)."""
+    (and, `with_flows`, the Prefect flows and prefect.yaml, for deploying from it). `only`
+    keeps just the named runs of a section ({"pretrain": ["gpt"]})."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     for package in ("bigmodel", "flows") if with_flows else ("bigmodel",):
@@ -63,6 +69,8 @@ def make_project(root: Path, overrides: dict | None = None, with_flows: bool = F
         shutil.copy(REPO / "prefect.yaml", root / "prefect.yaml")
     params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_OVERRIDES)
     params = merge(params, overrides or {})
+    for section, names in (only or {}).items():
+        params[section] = {k: v for k, v in params[section].items() if k in names}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n/reports/pipeline_report.md\n")
     git(root, "init", "-q")

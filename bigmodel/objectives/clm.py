@@ -8,7 +8,7 @@ and bits per byte), and the tokens a step trains on.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -63,10 +63,13 @@ class CLM:
     val_bytes_per_token: float
     units_per_step: int
     unit: str = "tokens"
-    loss: Any = field(default=lm_loss)
 
     def next_batch(self) -> Any:
         return self.sampler()
+
+    @staticmethod
+    def loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return lm_loss(model, batch)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         loss = torch.stack([lm_loss(model, b) for b in self.val_batches]).mean().item()

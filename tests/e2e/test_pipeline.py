@@ -1,65 +1,115 @@
-"""The whole pipeline, tiny config, through the real Prefect flow, DVC and MLflow."""
+"""The whole pipeline, tiny config, every family, through the real Prefect flow, DVC and MLflow."""
 
 import json
+import re
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from bigmodel.tracking import flatten
 from flows.pipeline import pipeline, stage_names
 from tests.conftest import dvc, make_project
 
-STAGES = ["source", "prepare", "tokenizer", "tokenize", "pretrain", "finetune", "evaluate", "explain"]
+GPT_CHAIN = ["tokenize@gpt", "pretrain@gpt", "evaluate-pretrain@gpt", "finetune@gpt-cls",
+             "evaluate@gpt-cls", "explain@gpt-cls"]
+BERT_CHAIN = ["tokenize@bert", "pretrain@bert", "evaluate-pretrain@bert", "finetune@bert-cls",
+              "finetune@bert-tag", "evaluate@bert-cls", "evaluate@bert-tag", "explain@bert-cls",
+              "explain@bert-tag"]
+STAGES = ["source@stdlib", "prepare@stdlib", "tokenizer@bpe", "tokenizer@wordpiece",
+          "tokenize@gpt", "tokenize@bert", "pretrain@gpt", "pretrain@bert",
+          "evaluate-pretrain@gpt", "evaluate-pretrain@bert",
+          "finetune@gpt-cls", "finetune@bert-cls", "finetune@bert-tag",
+          "evaluate@gpt-cls", "evaluate@bert-cls", "evaluate@bert-tag",
+          "explain@gpt-cls", "explain@bert-cls", "explain@bert-tag"]
+REGISTERED = ["bigmodel-gpt-cls", "bigmodel-bert-cls", "bigmodel-bert-tag", "bigmodel-gpt"]
+
+
+def edit_params(project, change) -> None:  # noqa: ANN001
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    change(params)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def dvc_status(project) -> set[str]:  # noqa: ANN001
+    """The stages whose own code, data or params changed."""
+    out = dvc(project, "status", "--json")
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout))
+
+
+def would_rerun(project) -> set[str]:  # noqa: ANN001
+    """The stages `dvc repro` would run now: the changed ones and everything downstream of
+    them in DVC's own DAG (`dvc dag`)."""
+    out = dvc(project, "dag", "--dot")
+    assert out.returncode == 0, out.stderr
+    edges = re.findall(r'"([^"]+)" -> "([^"]+)"', out.stdout)
+    reached, frontier = set(), dvc_status(project)
+    while frontier:
+        reached |= frontier
+        frontier = {b for a, b in edges if a in frontier} - reached
+    return reached
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_runs_end_to_end_then_reruns_only_what_changed(tmp_path, prefect_harness):
+def test_tiny_pipeline_runs_every_family_end_to_end_then_reruns_only_what_changed(
+        tmp_path, prefect_harness):
     project = make_project(tmp_path / "project")
     assert stage_names(project) == STAGES
 
     outcomes = pipeline(root=str(project))
     assert [(o.stage, o.status) for o in outcomes] == [(s, "ran") for s in STAGES]
 
-    # DVC recorded every stage; its metrics view lists the evaluation
-    assert set(yaml.safe_load((project / "dvc.lock").read_text())["stages"]) == set(STAGES)
-    shown = json.loads(dvc(project, "metrics", "show", "--json").stdout)
-    evaluate = shown[""]["data"]["reports/metrics/evaluate.json"]["data"]
-    assert 0 <= evaluate["classifier"]["macro_f1"] <= 1
-    assert evaluate["baselines"]["majority"]["accuracy"] > 0
+    # DVC recorded every stage instance; its metrics view lists each model's evaluation
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(STAGES)
+    shown = json.loads(dvc(project, "metrics", "show", "--json").stdout)[""]["data"]
+    bert_tag = shown["reports/metrics/evaluate/bert-tag.json"]["data"]
+    assert bert_tag["task"] == "token_cls" and "f1" in bert_tag["baselines"]["most_frequent_tag"]
+    mlm = shown["reports/metrics/evaluate-pretrain/bert.json"]["data"]
+    assert mlm["test"]["masked_accuracy"] > 0 and "unigram" in mlm["baselines"]
 
-    # MLflow: one pipeline run with the seven stage runs nested under it, each with metrics
+    # MLflow: one pipeline run with every stage instance nested under it, each with metrics,
+    # and each logging as params exactly the values DVC hashed for it
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     exp = client.get_experiment_by_name("bigmodel")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].data.metrics["stages_ran"] == len(STAGES)
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert sorted(r.data.tags["bigmodel.stage"] for r in children) == sorted(STAGES)
-    assert all(r.data.metrics for r in children)
-    assert [v.version for v in client.search_model_versions("name='bigmodel-classifier'")] == [1]
-    assert [v.version for v in client.search_model_versions("name='bigmodel-gpt'")] == [1]
-
-    # the champion gate promoted both first models, and said why on the versions
-    for name in ("bigmodel-classifier", "bigmodel-gpt"):
-        champion = client.get_model_version_by_alias(name, "champion")
+    children = {r.data.tags["bigmodel.stage"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert sorted(children) == sorted(STAGES)
+    assert all(r.data.metrics for r in children.values())
+    for stage, run in children.items():
+        hashed = {k: str(v) for k, v in flatten(lock[stage].get("params", {}).get("params.yaml", {})).items()}
+        assert run.data.params == hashed, stage
+    for name in REGISTERED:
+        assert [str(v.version) for v in client.search_model_versions(f"name='{name}'")] == ["1"]
+        champion = client.get_model_version_by_alias(name, "champion")  # the gate's first pick
         assert str(champion.version) == "1"
         assert champion.tags["bigmodel.gate.reason"].startswith("no champion yet")
 
     # lineage: each stage run carries DVC's hashes of the data it read and the outputs it wrote
-    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    finetune = next(r for r in children if r.data.tags["bigmodel.stage"] == "finetune")
+    finetune = children["finetune@bert-tag"]
     got = {d.dataset.name: d.dataset.digest for d in finetune.inputs.dataset_inputs}
-    want = {d["path"]: d["md5"] for d in lock["finetune"]["deps"] if not d["path"].startswith("bigmodel/")}
-    assert got == want and "models/pretrain" in got
-    assert finetune.data.tags["bigmodel.dvc_out.models/finetune"] == lock["finetune"]["outs"][0]["md5"]
+    want = {d["path"]: d["md5"] for d in lock["finetune@bert-tag"]["deps"]
+            if not d["path"].startswith("bigmodel/")}
+    assert got == want and "models/pretrain/bert" in got
+    assert (finetune.data.tags["bigmodel.dvc_out.models/finetune/bert-tag"]
+            == lock["finetune@bert-tag"]["outs"][0]["md5"])
 
-    # the report, the explanations
+    # the report: every model beside its baselines; the explanations of every family
     report = (project / "reports" / "pipeline_report.md").read_text()
-    assert "| explain | ran |" in report and "| bow logreg |" in report
-    assert parents[0].info.run_id in report
-    assert "<html>" in (project / "reports/explain/shap.html").read_text()[:200]
-    assert (project / "reports/explain/attention_1.png").stat().st_size > 1000
-    assert (project / "reports/explain/shap_0.png").stat().st_size > 1000
+    assert "| explain@bert-tag | ran |" in report and parents[0].info.run_id in report
+    assert "| baseline: bow logreg |" in report and "| gpt-cls (finetuned gpt `gpt`) |" in report
+    assert "| bert-cls (finetuned bert `bert`) |" in report
+    assert "## Taggers" in report and "| bert-tag (finetuned bert `bert`) |" in report
+    assert "test masked-token accuracy" in report and "test bits/byte" in report
+    for run in ("gpt-cls", "bert-cls"):
+        assert "<html>" in (project / f"reports/explain/{run}/shap.html").read_text()[:200]
+        assert (project / f"reports/explain/{run}/attention_1.png").stat().st_size > 1000
+    assert (project / "reports/explain/bert-tag/attention_0.png").stat().st_size > 1000
 
     # nothing changed: a second flow run refreshes the source snapshot and skips every stage;
     # `dvc repro` has nothing to do; the champions stay
@@ -68,19 +118,28 @@ def test_tiny_pipeline_runs_end_to_end_then_reruns_only_what_changed(tmp_path, p
     assert "Data and pipelines are up to date" in dvc(project, "repro").stdout
     assert "v1 is already the champion; kept" in (project / "reports/pipeline_report.md").read_text()
 
-    # one parameter changes: exactly the stage that reads it reruns
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["explain"]["n_examples"] = 3
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert list(json.loads(dvc(project, "status", "--json").stdout)) == ["explain"]
-    third = pipeline(root=str(project))
-    assert [o.stage for o in third if o.status == "ran"] == ["source", "explain"]
-    assert json.loads((project / "reports/metrics/explain.json").read_text())["n_examples"] == 3
-
-    # overrides from a flow parameter reach the stages through the params file, for this run only
+    # editing BERT's pretraining reaches exactly BERT's chain (its tokenize reads other keys)
     original = (project / "params.yaml").read_text()
+    edit_params(project, lambda p: p["pretrain"]["bert"].update(lr=0.002))
+    assert dvc_status(project) == {"pretrain@bert"}
+    assert would_rerun(project) == set(BERT_CHAIN) - {"tokenize@bert"}
+    # a GPT model edit reaches the GPT chain alone
+    (project / "params.yaml").write_text(original)
+    edit_params(project, lambda p: p["pretrain"]["gpt"].update(n_embd=48))
+    assert would_rerun(project) == set(GPT_CHAIN) - {"tokenize@gpt"}
+    # a new finetune run adds its own three stages and reruns nothing else
+    (project / "params.yaml").write_text(original)
+    edit_params(project, lambda p: p["finetune"].update(
+        {"bert-cls2": {**p["finetune"]["bert-cls"], "lr": 0.003}}))
+    new = {"finetune@bert-cls2", "evaluate@bert-cls2", "explain@bert-cls2"}
+    assert dvc_status(project) == new and would_rerun(project) == new
+    (project / "params.yaml").write_text(original)
+    assert dvc_status(project) == set()
+
+    # an override from a flow parameter reaches the stages that read it, for this run only
     fourth = pipeline(root=str(project), overrides={"explain.n_examples": 1})
-    assert [o.stage for o in fourth if o.status == "ran"] == ["source", "explain"]
-    assert json.loads((project / "reports/metrics/explain.json").read_text())["n_examples"] == 1
+    assert sorted(o.stage for o in fourth if o.status == "ran") == sorted(
+        ["source@stdlib", "explain@gpt-cls", "explain@bert-cls", "explain@bert-tag"])
+    assert json.loads((project / "reports/metrics/explain/bert-cls.json").read_text())["n_examples"] == 1
     assert (project / "params.yaml").read_text() == original
-    assert list(json.loads(dvc(project, "status", "--json").stdout)) == ["explain"]
+    assert dvc_status(project) == {"explain@gpt-cls", "explain@bert-cls", "explain@bert-tag"}

@@ -13,8 +13,13 @@ from bigmodel.data.sources import load_builtin
 from flows.retrain import retrain
 from tests.conftest import dvc, git, make_project
 
-FILES = {"prepare": {"source": "files", "files": {
-    "glob": "raw/*.jsonl", "text_column": "text", "label_column": "label", "group_column": "group"}}}
+# one data run of local files, pretrained on and finetuned on by the GPT chain alone
+FILES = {"data": {"raw": {"source": "files", "files": {
+    "glob": "raw/*.jsonl", "text_column": "text", "label_column": "label", "group_column": "group"}}},
+    "tokenizer": {"bpe": {"data": "raw"}}, "pretrain": {"gpt": {"corpus": "raw"}},
+    "finetune": {"gpt-cls": {"data": "raw"}}}
+ONLY = {"data": ["raw"], "tokenizer": ["bpe"], "pretrain": ["gpt"], "finetune": ["gpt-cls"]}
+MODELS = ("bigmodel-gpt-cls", "bigmodel-gpt")
 
 
 def write_part(project, name: str, rows: pd.DataFrame) -> None:  # noqa: ANN001
@@ -30,13 +35,13 @@ def test_retrain_skips_unchanged_data_and_gates_the_champion_after_new_data(tmp_
     pool = labelled[labelled["label"].isin(families)].sample(frac=1.0, random_state=0)
     pool = pool.groupby("label").head(120)
     first, second = pool.iloc[: len(pool) // 2], pool.iloc[len(pool) // 2:]
-    project = make_project(tmp_path / "project", FILES)
+    project = make_project(tmp_path / "project", FILES, only=ONLY)
     write_part(project, "part1.jsonl", first)
 
     # first run: everything trains; there is no champion yet, so both models take the alias
     one = retrain(root=str(project))
-    assert one.data_changed and "explain" in one.retrained
-    assert set(one.moved) == {"bigmodel-classifier", "bigmodel-gpt"}
+    assert one.data_changed and "explain@gpt-cls" in one.retrained
+    assert set(one.moved) == set(MODELS)
     assert not one.pushed  # no DVC remote yet
 
     # unchanged data: the snapshot is refreshed, nothing else runs, the champion stays
@@ -52,9 +57,10 @@ def test_retrain_skips_unchanged_data_and_gates_the_champion_after_new_data(tmp_
     write_part(project, "part2.jsonl", second)
     three = retrain(root=str(project))
     assert three.data_changed and three.pushed
-    assert {"prepare", "tokenizer", "tokenize", "pretrain", "finetune", "evaluate"} <= set(three.retrained)
+    assert {"prepare@raw", "tokenizer@bpe", "tokenize@gpt", "pretrain@gpt", "evaluate-pretrain@gpt",
+            "finetune@gpt-cls", "evaluate@gpt-cls"} <= set(three.retrained)
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    for name in ("bigmodel-classifier", "bigmodel-gpt"):
+    for name in MODELS:
         newest = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
         assert newest == 2
         tags = client.get_model_version(name, "2").tags
@@ -69,7 +75,7 @@ def test_retrain_skips_unchanged_data_and_gates_the_champion_after_new_data(tmp_
     git(project, "commit", "-qm", "retrained")
     shutil.rmtree(project / ".dvc" / "cache")
     shutil.rmtree(project / "models")
-    shutil.rmtree(project / "data" / "prepared")
+    shutil.rmtree(project / "data" / "raw" / "prepared")
     assert dvc(project, "pull").returncode == 0
     assert json.loads(dvc(project, "status", "--json").stdout) == {}
-    assert (project / "models/finetune/model.safetensors").is_file()
+    assert (project / "models/finetune/gpt-cls/model.safetensors").is_file()

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import make_project, stage_env
+from tests.conftest import GPT_ONLY, make_project, stage_env
 from tests.servers import free_port, running
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -46,7 +46,7 @@ def prefect(env: dict[str, str], cwd: Path, *args: str, timeout: int = 120) -> s
 @pytest.mark.slow
 def test_deployment_run_completes_on_a_worker_and_is_tracked(prefect_server, tmp_path):  # noqa: ANN001
     env = prefect_server
-    project = make_project(tmp_path / "project", with_flows=True)
+    project = make_project(tmp_path / "project", with_flows=True, only=GPT_ONLY)
     prefect(env, project, "work-pool", "create", "bigmodel", "--type", "process")
     prefect(env, project, "work-pool", "set-concurrency-limit", "bigmodel", "1")
     prefect(env, project, "deploy", "--all")
@@ -62,7 +62,7 @@ def test_deployment_run_completes_on_a_worker_and_is_tracked(prefect_server, tmp
     with running([PREFECT, "worker", "start", "--pool", "bigmodel", "--limit", "1"],
                  tmp_path / "worker", env, cwd=project):
         out = prefect(env, project, "deployment", "run", "bigmodel-pipeline/pipeline",
-                      "--param", 'overrides={"pretrain.max_steps": 20}',
+                      "--param", 'overrides={"pretrain.gpt.max_steps": 20}',
                       "--watch", "--watch-interval", "3", "--watch-timeout", "600", timeout=660)
     assert "Flow run finished successfully in 'Completed'" in out, out[-2000:]
     flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
@@ -74,10 +74,11 @@ def test_deployment_run_completes_on_a_worker_and_is_tracked(prefect_server, tmp
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1
     assert parents[0].data.tags["bigmodel.prefect_flow_run_id"] == flow_run_id
-    assert json.loads(parents[0].data.tags["bigmodel.overrides"]) == {"pretrain.max_steps": 20}
+    assert json.loads(parents[0].data.tags["bigmodel.overrides"]) == {"pretrain.gpt.max_steps": 20}
     stages = {r.data.tags["bigmodel.stage"] for r in runs if r is not parents[0]}
-    assert {"source", "pretrain", "finetune", "evaluate", "explain"} <= stages
-    pretrain = json.loads((project / "reports/metrics/pretrain.json").read_text())
+    assert {"source@stdlib", "pretrain@gpt", "finetune@gpt-cls", "evaluate@gpt-cls",
+            "explain@gpt-cls"} <= stages
+    pretrain = json.loads((project / "reports/metrics/pretrain/gpt.json").read_text())
     assert pretrain["steps"] == 20  # the override reached the stage
     assert "max_steps: 30" in (project / "params.yaml").read_text()  # and was put back
     assert not (project / "params.yaml.bigmodel-backup").exists()

@@ -69,7 +69,7 @@ def single_curve(single: Path) -> dict[int, dict[str, float]]:
 
 
 def curve(root: Path) -> dict[int, dict[str, float]]:
-    with open(root / "reports/plots/pretrain_loss.csv") as f:
+    with open(root / "reports/plots/pretrain/gpt.csv") as f:
         return {int(r["step"]): {k: float(v) for k, v in r.items() if v and k != "step"}
                 for r in csv.DictReader(f)}
 
@@ -84,7 +84,7 @@ def assert_same_curve(got: dict, want: dict) -> None:
 def pretrain_runs(root: Path) -> list:  # noqa: ANN001
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("bigmodel")
-    return client.search_runs([exp.experiment_id], "tags.`bigmodel.stage` = 'pretrain'")
+    return client.search_runs([exp.experiment_id], "tags.`bigmodel.stage` = 'pretrain@gpt'")
 
 
 def registered_versions(root: Path) -> list[str]:
@@ -116,14 +116,14 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path, singl
     else:  # each process holds its shard: about half, and together the whole model once
         assert sum(held(root)) == total and max(held(root)) < 0.6 * total
     # the final model (gathered from the shards under FSDP) is the single process's
-    weights, want = (load_file(r / "models/pretrain/model.safetensors") for r in (root, single))
+    weights, want = (load_file(r / "models/pretrain/gpt/model.safetensors") for r in (root, single))
     assert weights.keys() == want.keys()
     for name, tensor in want.items():
         torch.testing.assert_close(weights[name], tensor, atol=TOLERANCE, rtol=0, msg=name)
     # rank 0 alone: one MLflow run, one registered version, one summary line
     assert len(pretrain_runs(root)) == 1 and registered_versions(root) == ["1"]
-    assert done.stdout.count("pretrain: done") == 1
-    state = json.loads((root / "models/pretrain/checkpoint/state.json").read_text())
+    assert done.stdout.count("pretrain@gpt: done") == 1
+    state = json.loads((root / "models/pretrain/gpt/checkpoint/state.json").read_text())
     assert (state["step"], state["world_size"], state["parallel"]) == (30, 2, parallel)
 
 

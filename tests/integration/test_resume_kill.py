@@ -30,7 +30,7 @@ PRETRAIN = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_si
 # Runs `bigmodel pretrain` after wrapping one function of the stage, then exits like the CLI.
 SCRIPT = """
 import sys, time
-from bigmodel.train import pretrain
+from bigmodel.objectives import clm as pretrain
 
 {patch}
 
@@ -73,24 +73,27 @@ def hang_draw(step: int, grad_accum: int = 1) -> int:
 def tiny_project(root: Path, **pretrain: object) -> Path:
     """A folder holding what the pretrain stage reads: a small tokenizer, token shards of
     tokenized code, and a params.yaml (defaults but for a tiny model)."""
-    from bigmodel.tokenizer import train
+    from bigmodel.text.tokenizers import train_bpe as train
 
     texts = [f"def f{i}(a, b):\n    \"\"\"Return {i} times the sum.\"\"\"\n    return {i} * (a + b)\n"
              f"class Queue{i}:\n    def put(self, item): self.items.append(item)\n"
              for i in range(120)]
     tok = train(iter(texts), vocab_size=300, min_frequency=1)
-    (root / "models" / "tokenizer").mkdir(parents=True)
-    tok.save(str(root / "models" / "tokenizer" / "tokenizer.json"))
-    tokens = root / "data" / "tokens"
+    (root / "models" / "tokenizer" / "bpe").mkdir(parents=True)
+    tok.save(str(root / "models" / "tokenizer" / "bpe" / "tokenizer.json"))
+    tokens = root / "data" / "tokens" / "gpt"
     tokens.mkdir(parents=True)
     splits = {}
     for split, part in (("train", texts[:100]), ("val", texts[100:])):
-        ids = np.array([i for e in tok.encode_batch(part) for i in e.ids], dtype=np.uint16)
+        encoded = [e.ids for e in tok.encode_batch(part)]
+        ids = np.array([i for e in encoded for i in e], dtype=np.uint16)
         ids.tofile(tokens / f"{split}.bin")
+        np.save(tokens / f"{split}_docs.npy", np.cumsum([0] + [len(e) for e in encoded[:-1]]))
         splits[split] = {"tokens": len(ids), "bytes": sum(len(t.encode()) for t in part)}
     (tokens / "meta.json").write_text(json.dumps(
         {"dtype": "uint16", "vocab_size": tok.get_vocab_size(), "splits": splits}))
-    (root / "params.yaml").write_text(yaml.safe_dump({"pretrain": {**PRETRAIN, **pretrain}}))
+    (root / "params.yaml").write_text(yaml.safe_dump({
+        "pretrain": {"gpt": {"family": "gpt", **PRETRAIN, **pretrain}}, "finetune": {}}))
     return root
 
 
@@ -141,18 +144,18 @@ def wait_until_hung(root: Path, proc: subprocess.Popen, ranks: int = 1) -> list[
 
 def checkpoint_step(root: Path) -> int | None:
     try:
-        return json.loads((root / "models/pretrain/checkpoint/state.json").read_text())["step"]
+        return json.loads((root / "models/pretrain/gpt/checkpoint/state.json").read_text())["step"]
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
 
 def outcome(root: Path) -> tuple[dict, str, dict]:
     """(metrics without timings, the loss-curve CSV, final weights) of a finished run."""
-    metrics = json.loads((root / "reports/metrics/pretrain.json").read_text())
+    metrics = json.loads((root / "reports/metrics/pretrain/gpt.json").read_text())
     for timing in ("tokens_per_s", "seconds"):
         metrics.pop(timing)
-    return (metrics, (root / "reports/plots/pretrain_loss.csv").read_text(),
-            load_file(root / "models/pretrain/model.safetensors"))
+    return (metrics, (root / "reports/plots/pretrain/gpt.csv").read_text(),
+            load_file(root / "models/pretrain/gpt/model.safetensors"))
 
 
 @pytest.mark.slow
@@ -170,7 +173,7 @@ def test_resume_after_sigkill_reaches_the_same_loss_and_weights_bitwise(tmp_path
         assert checkpoint_step(killed) == 15
         os.kill(pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
-    assert not (killed / "models/pretrain/model.safetensors").exists()
+    assert not (killed / "models/pretrain/gpt/model.safetensors").exists()
 
     resumed = pretrain(killed, "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -180,7 +183,7 @@ def test_resume_after_sigkill_reaches_the_same_loss_and_weights_bitwise(tmp_path
     assert curve == ref_curve  # train loss (its log window straddled the kill) and val loss
     assert weights.keys() == ref_weights.keys()
     assert all(weights[k].equal(ref_weights[k]) for k in weights)
-    assert [p.name for p in (killed / "models/pretrain").iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in (killed / "models/pretrain/gpt").iterdir() if p.name.startswith(".")] == []
 
 
 @pytest.mark.slow
@@ -190,7 +193,7 @@ def test_a_diverging_run_exits_2_with_one_line_and_keeps_the_last_good_checkpoin
     result = pretrain(root, patch=NAN.format(step=13))
 
     assert result.returncode == 2
-    ckpt = root / "models/pretrain/checkpoint"
+    ckpt = root / "models/pretrain/gpt/checkpoint"
     # (MLflow's own warnings and INFO lines may come before it)
     assert result.stderr.strip().splitlines()[-1] == (
         "error: training diverged: loss is nan at step 13 (lower the learning rate); "
@@ -199,4 +202,4 @@ def test_a_diverging_run_exits_2_with_one_line_and_keeps_the_last_good_checkpoin
     assert checkpoint_step(root) == 10
     weights = load_file(ckpt / "model.safetensors")
     assert all(math.isfinite(float(w.abs().max())) for w in weights.values())
-    assert not (root / "models/pretrain/model.safetensors").exists()  # no final model either
+    assert not (root / "models/pretrain/gpt/model.safetensors").exists()  # no final model either

@@ -1,5 +1,6 @@
-"""`mlflow models serve` on the registered models, over HTTP: the classifier by its `champion`
-alias (text in → label and probabilities out) and the GPT (prompt in → completion out)."""
+"""`mlflow models serve` on the registered models, over HTTP, each by its `champion` alias: a BERT
+classifier (text in → label and probabilities out), a BERT tagger (text in → words, tags and
+entity spans out) and the GPT (prompt in → completion out)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bigmodel import config, tracking
-from bigmodel.generate import TextGenerator
+from bigmodel import config, serving, tracking
+from bigmodel.tasks.clm import TextGenerator
+from bigmodel.tasks.token_cls import Tagger
 from tests.conftest import stage_env
 from tests.servers import free_port, running
 
@@ -19,17 +21,18 @@ MLFLOW = str(Path(sys.executable).parent / "mlflow")
 
 
 @pytest.fixture
-def registered(tmp_path, monkeypatch, tiny_classifier_dir, tiny_gpt_dir):  # noqa: ANN001, ANN201
+def registered(tmp_path, monkeypatch, tiny_bert_classifier_dir, tiny_tagger_dir,  # noqa: ANN001, ANN201
+               tiny_gpt_dir):
     monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
     monkeypatch.delenv(tracking.URI_ENV, raising=False)
     p = config.validate({"tracking": {"experiment": "serve"}})
     p._root = tmp_path
-    with tracking.stage_run("finetune", p, ["finetune"]) as run:
-        clf = run.log_classifier(tiny_classifier_dir, "serve-clf", example=["read a file"])
-    with tracking.stage_run("pretrain", p, ["pretrain"]) as run:
-        gpt = run.log_generator(tiny_gpt_dir, "serve-gpt", example=["def f():"])
-    tracking.set_alias(p, "serve-clf", "champion", clf, {})
-    tracking.set_alias(p, "serve-gpt", "champion", gpt, {})
+    for stage, folder, name in (("finetune@bert-cls", tiny_bert_classifier_dir, "serve-clf"),
+                                ("finetune@bert-tag", tiny_tagger_dir, "serve-tagger"),
+                                ("pretrain@gpt", tiny_gpt_dir, "serve-gpt")):
+        with tracking.stage_run(stage, p, []) as run:
+            version = serving.log_model(run, folder, name, example=["read a file"])
+        tracking.set_alias(p, name, "champion", version, {})
     return tracking.tracking_uri(p)
 
 
@@ -49,8 +52,8 @@ def serve(model_uri: str, store: str, log_dir: Path):  # noqa: ANN201
 
 
 @pytest.mark.slow
-def test_served_champion_classifier_and_gpt_answer_over_http(registered, tmp_path,  # noqa: ANN001
-                                                             tiny_gpt_dir):
+def test_served_champion_classifier_tagger_and_gpt_answer_over_http(  # noqa: ANN001
+        registered, tmp_path, tiny_gpt_dir, tiny_tagger_dir):
     port, server = serve("models:/serve-clf@champion", registered, tmp_path / "clf")
     with server:
         out = post(f"http://127.0.0.1:{port}/invocations",
@@ -61,6 +64,17 @@ def test_served_champion_classifier_and_gpt_answer_over_http(registered, tmp_pat
     for row in rows:
         assert row["label"] in {"asyncio", "files", "gui"}
         assert abs(row["p_asyncio"] + row["p_files"] + row["p_gui"] - 1) < 1e-5
+
+    port, server = serve("models:/serve-tagger@champion", registered, tmp_path / "tagger")
+    with server:
+        out = post(f"http://127.0.0.1:{port}/invocations",
+                   {"dataframe_split": {"columns": ["text"], "data": [["def read(path): pass"]]}})
+    [row] = out["predictions"]
+    assert row["tokens"] == ["def", "read", "(", "path", ")", ":", "pass"]
+    # the served tagger says exactly what the same weights say locally
+    assert row["tags"] == Tagger.load(tiny_tagger_dir).tag([row["tokens"]])[0]
+    assert all(e["text"] == " ".join(row["tokens"][e["start"]: e["end"] + 1])
+               for e in row["entities"])
 
     port, server = serve("models:/serve-gpt@champion", registered, tmp_path / "gpt")
     with server:

@@ -6,9 +6,10 @@ from bigmodel.models.bert import BERT, BERTConfig
 from bigmodel.models.layers import Block
 
 
-def model(norm: str = "post", seed: int = 0) -> BERT:
+def model(norm: str = "post", seed: int = 0, nsp: bool = True) -> BERT:
     torch.manual_seed(seed)
-    cfg = BERTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, norm=norm)
+    cfg = BERTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, norm=norm,
+                     nsp=nsp)
     return BERT(cfg).eval()
 
 
@@ -124,3 +125,11 @@ def test_param_count_counts_the_tied_matrix_once_and_leaves_out_position_tables(
 def test_unknown_norm_is_rejected():
     with pytest.raises(ValueError, match="norm must be"):
         BERT(BERTConfig(vocab_size=50, norm="sandwich"))
+
+
+def test_without_nsp_there_is_no_next_sentence_head_to_leave_unused():
+    plain = model(nsp=False)
+    names = {n for n, _ in plain.named_parameters()}
+    assert not any(n.startswith(("pooler", "nsp_head")) for n in names)
+    with pytest.raises(ValueError, match="no next-sentence head"):
+        plain.nsp_logits(plain(torch.randint(5, 50, (1, 4))))

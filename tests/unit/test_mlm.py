@@ -239,10 +239,10 @@ def test_too_little_data_for_one_window_or_one_pair_is_refused():
 # loss, metrics, baseline
 
 
-def tiny_bert(vocab_size: int, norm: str = "post") -> BERT:
+def tiny_bert(vocab_size: int, norm: str = "post", nsp: bool = True) -> BERT:
     torch.manual_seed(0)
     return BERT(BERTConfig(vocab_size=vocab_size, block_size=T, n_layer=2, n_head=2, n_embd=32,
-                           dropout=0.0, norm=norm))
+                           dropout=0.0, norm=norm, nsp=nsp))
 
 
 class Wrapped(nn.Module):
