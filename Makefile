@@ -15,11 +15,12 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: pipeline retrain test install repro promote mlflow-ui mlflow-server serve serve-gpt \
+.PHONY: pipeline retrain test install repro promote mlflow-ui mlflow-server serve \
 	prefect-server worker deploy clean
 
 MLFLOW_PORT ?= 5000
 SERVE_PORT ?= 5001
+MODEL ?= bigmodel-bert-cls   # any registered model: bigmodel-<finetune or GPT pretrain run>
 POOL ?= bigmodel
 STORE := sqlite:///$(CURDIR)/mlflow.db
 
@@ -41,25 +42,23 @@ test: $(STAMP)
 retrain: $(STAMP)
 	$(BIN)/python -m flows.retrain
 
-# refresh the data snapshot (a forced, cheap stage), then let DVC rerun whatever that reaches
+# refresh the data snapshots (forced, cheap stages), then let DVC rerun whatever that reaches
 repro: $(STAMP)
-	$(BIN)/dvc repro --force --single-item source && $(BIN)/dvc repro
+	$(BIN)/dvc stage list --name-only | grep '^source@' | xargs -n1 $(BIN)/dvc repro --force --single-item \
+		&& $(BIN)/dvc repro
 
 promote: $(STAMP)
 	$(BIN)/bigmodel promote
 
 mlflow-ui: $(STAMP)
+	@echo "open http://127.0.0.1:$(MLFLOW_PORT)/#/experiments/1?workflowType=machine_learning (the training runs)"
 	$(BIN)/mlflow ui --backend-store-uri $(STORE) --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 mlflow-server: $(STAMP)
 	infra/mlflow-server.sh $(MLFLOW_PORT)
 
 serve: $(STAMP)
-	MLFLOW_TRACKING_URI=$(STORE) $(BIN)/mlflow models serve -m models:/bigmodel-classifier@champion \
-		--env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
-
-serve-gpt: $(STAMP)
-	MLFLOW_TRACKING_URI=$(STORE) $(BIN)/mlflow models serve -m models:/bigmodel-gpt@champion \
+	MLFLOW_TRACKING_URI=$(STORE) $(BIN)/mlflow models serve -m models:/$(strip $(MODEL))@champion \
 		--env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
 
 # Deployments: `make prefect-server` (one terminal), `make worker` (another), `make deploy`.

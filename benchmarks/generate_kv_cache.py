@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bigmodel.generate import sample  # noqa: E402
+from bigmodel.tasks.clm import sample  # noqa: E402
 from bigmodel.models.gpt import GPT, GPTConfig  # noqa: E402
 from machine import commit, cpu_model  # noqa: E402
 

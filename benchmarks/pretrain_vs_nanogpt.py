@@ -35,10 +35,10 @@ import yaml
 
 from bigmodel import config
 from bigmodel.errors import BigModelError
-from bigmodel.evaluate import window_loss
+from bigmodel.tasks.clm import window_loss
 from bigmodel.models import gpt as gpt_lib
-from bigmodel.tokenizer import train_char
-from bigmodel.train.pretrain import WindowSampler, lm_loss
+from bigmodel.text.tokenizers import train_char
+from bigmodel.objectives.clm import WindowSampler, lm_loss
 from bigmodel.train.trainer import Trainer, seed_everything
 from machine import commit, cpu_model
 
@@ -66,7 +66,7 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray, float, int]:
     return encode(train_text), val, len(val_text.encode("utf-8")) / len(val), tok.get_vocab_size()
 
 
-def train(cfg: config.Pretrain, train_ids: np.ndarray, val_ids: np.ndarray, vocab: int,
+def train(cfg: config.GPTPretrain, train_ids: np.ndarray, val_ids: np.ndarray, vocab: int,
           seed: int, eval_every: int) -> dict[str, float]:
     seed_everything(seed)
     gcfg = gpt_lib.GPTConfig(vocab_size=vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
@@ -89,7 +89,8 @@ def train(cfg: config.Pretrain, train_ids: np.ndarray, val_ids: np.ndarray, voca
     result = trainer.fit(sampler, lm_loss, evaluate=evaluate, eval_interval=eval_every,
                          log=lambda row, step: rows.append({**row, "step": step}),
                          log_interval=cfg.log_interval,
-                         tokens_per_step=cfg.batch_size * cfg.block_size * cfg.grad_accum)
+                         tokens_per_step=cfg.batch_size * cfg.block_size * cfg.grad_accum,
+                         progress=False)
     wall = time.perf_counter() - start
     model.eval()
     with torch.no_grad():
@@ -124,7 +125,7 @@ def main() -> int:
         key, _, value = item.partition("=")
         raw[key] = yaml.safe_load(value)
     try:  # the same one-line errors as params.yaml gives
-        config.validate({"pretrain": raw})
+        config.validate({"pretrain": {"gpt": {"family": "gpt", **raw}}, "finetune": {}})
     except BigModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -132,7 +133,7 @@ def main() -> int:
     if args.mode == "time":
         raw.update(max_steps=calibrate_steps(raw, args.seconds, args.seed, train_ids, vocab),
                    eval_interval=10**9)
-    cfg = config.Pretrain(**raw)
+    cfg = config.GPTPretrain(**raw)
     res = train(cfg, train_ids, val_ids, vocab, args.seed,
                 cfg.eval_interval if args.mode == "config" else cfg.max_steps)
     bpb = lambda loss: loss / math.log(2) / bytes_per_char  # noqa: E731
@@ -170,7 +171,7 @@ def main() -> int:
 
 def calibrate_steps(raw: dict, seconds: float, seed: int, train_ids: np.ndarray, vocab: int) -> int:
     """Steps that fit the time budget: time 60 steps of this config (after 10 warm-up steps)."""
-    probe = config.Pretrain(**{**raw, "max_steps": 70, "eval_interval": 10**9, "log_interval": 10})
+    probe = config.GPTPretrain(**{**raw, "max_steps": 70, "eval_interval": 10**9, "log_interval": 10})
     seed_everything(seed)
     model = gpt_lib.GPT(gpt_lib.GPTConfig(vocab_size=vocab, block_size=probe.block_size,
                                           n_layer=probe.n_layer, n_head=probe.n_head,

@@ -163,7 +163,7 @@ class PretrainBase(Optim):
     block_size: int = Field(128, ge=8)
     lr: float = Field(3e-3, gt=0, le=1)
     min_lr: float = Field(3e-4, ge=0, le=1)
-    max_steps: int = Field(1000, ge=1)
+    max_steps: int = Field(600, ge=1)
     eval_interval: int = Field(100, ge=1)
     eval_batches: int = Field(20, ge=1)
     log_interval: int = Field(10, ge=1)
@@ -197,8 +197,9 @@ class BERTPretrain(PretrainBase):
     tokenizer: str = "wordpiece"
     norm: Literal["post", "pre"] = "post"  # post: the original BERT layout
     dropout: float = Field(0.1, ge=0, lt=1)
-    lr: float = Field(1e-3, gt=0, le=1)
-    min_lr: float = Field(1e-4, ge=0, le=1)
+    max_steps: int = Field(500, ge=1)
+    lr: float = Field(2e-3, gt=0, le=1)
+    min_lr: float = Field(2e-4, ge=0, le=1)
     beta2: float = Field(0.98, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
     batch_size: int = Field(32, ge=1)
@@ -222,7 +223,7 @@ class FinetuneRun(Optim):
     base: str  # the pretrain run whose model it starts from
     task: Literal["seq_cls", "token_cls"] = "seq_cls"
     data: str = "stdlib"  # the data run whose labelled set (for `task`) it trains on
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(3, ge=1)
     # how token states become one vector (seq_cls): the [CLS] state, the mean over real
     # tokens, or the last real token's; auto: cls for BERT, mean for GPT
     pooling: Literal["auto", "cls", "mean", "last"] = "auto"

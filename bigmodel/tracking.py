@@ -30,8 +30,7 @@ from bigmodel.errors import TransientError
 PARENT_ENV = "BIGMODEL_PARENT_RUN_ID"
 FLOW_RUN_ENV = "BIGMODEL_FLOW_RUN_ID"
 URI_ENV = "BIGMODEL_TRACKING_URI"
-# The MLflow UI opens an experiment by its kind: without the tag it guesses, and shows a new
-# experiment as GenAI (an empty traces "Overview"); model training lands on the runs table.
+# The experiment's kind for the MLflow UI: model training, not GenAI (see also UI_VIEW).
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
@@ -207,10 +206,19 @@ def child_runs(params: Params, parent_run_id: str) -> list[dict[str, Any]]:
     ]
 
 
-def run_link(params: Params, experiment_id: str, run_id: str) -> str:
+# MLflow 3.17's UI opens every experiment in its GenAI view (an empty traces "Overview") unless
+# the link asks for the model-training view; the experiment tag alone does not switch it.
+UI_VIEW = "workflowType=machine_learning"
+
+
+def experiment_link(params: Params, experiment_id: str) -> str:
     uri = tracking_uri(params)
     base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?{UI_VIEW}"
+
+
+def run_link(params: Params, experiment_id: str, run_id: str) -> str:
+    return experiment_link(params, experiment_id).replace("?", f"/runs/{run_id}?", 1)
 
 
 # --- registry: aliases, versions, downloads -------------------------------------------------

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "infra" / "mlflow-server.sh"
 SCREENSHOT = REPO / "reports" / "test-artifacts" / "mlflow_ui_runs.png"
 START_TIMEOUT_S = 60
-PIPELINE, STAGE = "pipeline srv", "prepare"
+PIPELINE, STAGE = "pipeline srv", "prepare@stdlib"
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def logged(server, tmp_path_factory):  # noqa: ANN001, ANN201
         p._root = project
         try:
             with tracking.pipeline_run(p, PIPELINE, {}) as parent:
-                with tracking.stage_run(STAGE, p, ["prepare"]) as run:
+                with tracking.stage_run(STAGE, p, ["data.stdlib"]) as run:
                     run.metrics({"rows": 3.0})
                     run.artifact(note)
         finally:  # mlflow.set_tracking_uri exported the server's URL into this process
@@ -161,3 +161,22 @@ def test_mlflow_ui_lists_the_pipeline_runs(server, logged):  # noqa: ANN001
     assert len(data) > 20_000, "the screenshot looks blank"
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(shot, SCREENSHOT)
+
+
+@pytest.mark.slow
+def test_the_experiment_opens_on_its_training_runs_not_the_genai_overview(server, logged):  # noqa: ANN001
+    """bigmodel tags its experiment as model training (`mlflow.experimentKind`), and the links it
+    hands out (report card, `make mlflow-ui`) ask for the model-training view: they land on the
+    runs table, not on the empty GenAI "Overview" a bare experiment link opens."""
+    browser = chromium()
+    exp = mlflow.MlflowClient(server["url"]).get_experiment_by_name("srv")
+    assert exp.tags[tracking.EXPERIMENT_KIND] == tracking.MODEL_TRAINING
+    p = config.validate({"tracking": {"experiment": "srv", "uri": server["url"]}})
+    url = tracking.experiment_link(p, exp.experiment_id)
+    dom = ""
+    for budget_ms in (15000, 30000, 60000):
+        dom = run_chromium(browser, url, "--dump-dom", budget_ms=budget_ms)
+        if f">{PIPELINE}<" in dom:
+            break
+    assert f">{PIPELINE}<" in dom, f"the experiment did not open on its runs; DOM starts:\n{dom[:2000]}"
+    assert f"#/experiments/{exp.experiment_id}/runs/{logged['parent']}" in dom
