@@ -383,8 +383,26 @@ def load(path: str | Path = "params.yaml", overrides: list[str] | None = None) -
     for item in overrides or []:
         apply_override(raw, item)
     params = validate(raw, source=str(path))
+    check_spelled_out(raw, source=str(path))
     params._root = path.resolve().parent
     return params
+
+
+# The keys of a run that dvc.yaml builds the run's stages from (`${item.corpus}` in a dep path):
+# DVC reads them from the file itself, so a file must name them even where the schema has a default.
+SPELLED_OUT = {"tokenizer": ("data",), "pretrain": ("family", "objective", "corpus", "tokenizer"),
+               "finetune": ("base", "task", "data")}
+
+
+def check_spelled_out(raw: dict[str, Any], source: str) -> None:
+    for section, keys in SPELLED_OUT.items():
+        for name, run in (raw.get(section) or {}).items():
+            missing = [k for k in keys if k not in (run or {})]
+            if missing:
+                raise BigModelError(
+                    f"{source}: {section}.{name}.{missing[0]}: missing; dvc.yaml builds this run's "
+                    f"stages from it, so write it out (a {section} run names "
+                    f"{', '.join(keys)})")
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -432,6 +450,7 @@ def overridden(path: str | Path, overrides: Mapping[str, Any] | None) -> Iterato
             value = yaml.safe_load(value) if value.strip() else ""
         _set(raw, key.strip(), value, f"override {key!r}")
     params = validate(raw, source=f"{path} with overrides")
+    check_spelled_out(raw, source=f"{path} with overrides")
     params._root = path.resolve().parent
     original = path.read_text()
     backup.write_text(original)

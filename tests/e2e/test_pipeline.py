@@ -120,7 +120,7 @@ def test_tiny_pipeline_runs_every_family_end_to_end_then_reruns_only_what_change
 
     # editing BERT's pretraining reaches exactly BERT's chain (its tokenize reads other keys)
     original = (project / "params.yaml").read_text()
-    edit_params(project, lambda p: p["pretrain"]["bert"].update(lr=0.002))
+    edit_params(project, lambda p: p["pretrain"]["bert"].update(lr=p["pretrain"]["bert"]["lr"] * 1.5))
     assert dvc_status(project) == {"pretrain@bert"}
     assert would_rerun(project) == set(BERT_CHAIN) - {"tokenize@bert"}
     # a GPT model edit reaches the GPT chain alone

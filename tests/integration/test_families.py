@@ -42,8 +42,8 @@ def test_a_bert_pretrained_on_one_dataset_is_finetuned_as_a_tagger_on_conll_file
                      "test": str(CONLL / "test.txt")}}}},
         "tokenizer": {"wp": {"kind": "wordpiece", "data": "news", "vocab_size": 400,
                              "min_frequency": 1}},
-        "pretrain": {"enc": {"family": "bert", "corpus": "news", "tokenizer": "wp",
-                             **TINY_PRETRAIN, "max_steps": 20}},
+        "pretrain": {"enc": {"family": "bert", "objective": "mlm", "corpus": "news",
+                             "tokenizer": "wp", **TINY_PRETRAIN, "max_steps": 20}},
         "finetune": {"enc-ner": {"base": "enc", "task": "token_cls", "data": "ner",
                                  **TINY_FINETUNE, "epochs": 2}},
     }

@@ -93,7 +93,8 @@ def tiny_project(root: Path, **pretrain: object) -> Path:
     (tokens / "meta.json").write_text(json.dumps(
         {"dtype": "uint16", "vocab_size": tok.get_vocab_size(), "splits": splits}))
     (root / "params.yaml").write_text(yaml.safe_dump({
-        "pretrain": {"gpt": {"family": "gpt", **PRETRAIN, **pretrain}}, "finetune": {}}))
+        "pretrain": {"gpt": {"family": "gpt", "objective": "clm", "corpus": "stdlib",
+                             "tokenizer": "bpe", **PRETRAIN, **pretrain}}, "finetune": {}}))
     return root
 
 

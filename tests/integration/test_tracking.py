@@ -103,5 +103,4 @@ def test_what_a_stage_logs_as_params_is_what_dvc_yaml_lists_for_it(params):
     assert param_keys(params, "pretrain", "bert") == ["seed", "pretrain.bert", "tracking.model_prefix"]
     assert param_keys(params, "tokenize", "gpt") == ["tokenize", "pretrain.gpt.corpus",
                                                      "pretrain.gpt.tokenizer"]
-    assert param_keys(params, "source", "stdlib") == ["data.stdlib.source", "data.stdlib.files",
-                                                      "data.stdlib.hf"]
+    assert param_keys(params, "source", "stdlib") == ["data.stdlib"]

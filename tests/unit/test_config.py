@@ -95,8 +95,9 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
 
 
 def test_set_overrides_are_typed_and_validated(tmp_path):
-    path = write(tmp_path, "pretrain:\n  gpt:\n    family: gpt\n    lr: 0.1\n"
-                           "finetune:\n  c:\n    base: gpt\n")
+    path = write(tmp_path, "pretrain:\n  gpt: {family: gpt, objective: clm, corpus: stdlib, "
+                           "tokenizer: bpe, lr: 0.1}\n"
+                           "finetune:\n  c: {base: gpt, task: seq_cls, data: stdlib}\n")
     params = config.load(path, ["pretrain.gpt.lr=3e-4", "pretrain.gpt.compile=true",
                                 "data.stdlib.hf.config=x"])
     assert params.pretrain["gpt"].lr == pytest.approx(3e-4)
@@ -107,8 +108,19 @@ def test_set_overrides_are_typed_and_validated(tmp_path):
     with pytest.raises(BigModelError, match="expected section.key=value"):
         config.load(path, ["pretrain.gpt.lr"])
     # a new run from the command line alone
-    params = config.load(path, ["pretrain.small={family: gpt, n_layer: 1}"])
+    params = config.load(path, ["pretrain.small={family: gpt, objective: clm, corpus: stdlib, "
+                                "tokenizer: bpe, n_layer: 1}"])
     assert set(params.pretrain) == {"gpt", "small"} and params.pretrain["small"].n_layer == 1
+
+
+def test_a_run_must_spell_out_the_keys_dvc_yaml_builds_its_stages_from(tmp_path):
+    path = write(tmp_path, "pretrain:\n  small:\n    family: gpt\n    n_layer: 1\n"
+                           "finetune: {}\n")
+    with pytest.raises(BigModelError) as e:
+        config.load(path)
+    assert str(e.value).endswith("pretrain.small.objective: missing; dvc.yaml builds this run's "
+                                 "stages from it, so write it out (a pretrain run names family, "
+                                 "objective, corpus, tokenizer)")
 
 
 def test_missing_params_file(tmp_path):
