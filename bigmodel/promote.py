@@ -61,7 +61,7 @@ def gate_finetuned(params: Params, name: str) -> Decision:
         return task.gate_score(model_dir, test, params.evaluate.batch_size)
 
     return _gate(params, params.path("finetune", name), task.GATE_METRIC, score,
-                 higher_is_better=True, margin=params.promote.margin)
+                 higher_is_better=task.HIGHER_IS_BETTER, margin=params.promote.margin)
 
 
 def gate_generator(params: Params, name: str) -> Decision:
@@ -74,7 +74,7 @@ def gate_generator(params: Params, name: str) -> Decision:
         return clm.gate_score(model_dir, texts, cfg.lm_eval_bytes, params.evaluate.batch_size)
 
     return _gate(params, params.path("pretrain", name), clm.GATE_METRIC, score,
-                 higher_is_better=False, margin=cfg.margin_bpb)
+                 higher_is_better=clm.HIGHER_IS_BETTER, margin=cfg.margin_bpb)
 
 
 def _gate(params: Params, stage_dir: Path, metric: str, score: Callable[[Path], float],

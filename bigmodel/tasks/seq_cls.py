@@ -70,10 +70,6 @@ load = TextClassifier.load
 SERVING_INPUT = "text"
 
 
-def labels_of(train: pd.DataFrame) -> list[str]:
-    return sorted(train["label"].unique())
-
-
 def gate_score(model_dir: Path, test: pd.DataFrame, batch_size: int) -> float:
     clf = TextClassifier.load(model_dir)
     pred = clf.predict_proba(test["text"].tolist(), batch_size).argmax(1)
