@@ -142,9 +142,8 @@ def added_per_text(tok: Tokenizer) -> int:
     return tok.post_processor.num_special_tokens_to_add(False) if tok.post_processor else 0
 
 
-def encode_texts(tok: Tokenizer, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids (with the tokenizer's special tokens) right-padded to the longest text
-    (≤ max_len) and each text's length: (N, L) int64, (N,) int64."""
+def _encode_padded(tok: Tokenizer, texts: list[str], max_len: int) -> tuple[list, np.ndarray, np.ndarray]:
+    """(encodings, ids (N, L), lengths (N,)): truncated to max_len, right-padded to the longest."""
     tok = Tokenizer.from_str(tok.to_str())  # a private copy: truncation/padding are stateful
     tok.enable_truncation(max_len)
     pad = specials(tok).pad
@@ -152,6 +151,13 @@ def encode_texts(tok: Tokenizer, texts: list[str], max_len: int) -> tuple[np.nda
     enc = tok.encode_batch(texts)
     ids = np.array([e.ids for e in enc], dtype=np.int64).reshape(len(texts), -1)
     lengths = np.array([sum(e.attention_mask) for e in enc], dtype=np.int64)
+    return enc, ids, lengths
+
+
+def encode_texts(tok: Tokenizer, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids (with the tokenizer's special tokens) right-padded to the longest text
+    (≤ max_len) and each text's length: (N, L) int64, (N,) int64."""
+    _, ids, lengths = _encode_padded(tok, texts, max_len)
     return ids, lengths
 
 
@@ -168,13 +174,7 @@ def encode_words(tok: Tokenizer, sentences: list[list[str]], max_len: int
             pos += len(w) + 1
         texts.append(" ".join(words))
         spans.append(starts)
-    copy = Tokenizer.from_str(tok.to_str())
-    copy.enable_truncation(max_len)
-    pad = specials(copy).pad
-    copy.enable_padding(pad_id=pad, pad_token=copy.id_to_token(pad))
-    enc = copy.encode_batch(texts)
-    ids = np.array([e.ids for e in enc], dtype=np.int64).reshape(len(texts), -1)
-    lengths = np.array([sum(e.attention_mask) for e in enc], dtype=np.int64)
+    enc, ids, lengths = _encode_padded(tok, texts, max_len)
     word_ids: list[list[int | None]] = []
     for e, starts in zip(enc, spans):
         firsts = [a for a, _ in starts]
