@@ -25,16 +25,24 @@ def test_bytes_per_token_counts_text_bytes_over_tokens_without_eot(tiny_tokenize
     assert bytes_per_token(tiny_tokenizer, tmp_path / "v.parquet") == n_bytes / n_tokens
 
 
-def test_tokenize_writes_flat_uint16_shards_equal_to_the_encodings(tiny_tokenizer, tiny_texts, tmp_path):
-    params = config.validate({"tokenize": {"batch_size": 7}})
+def tokenized(tmp_path, texts: list[str], tok, tokenizer: str, run: str,  # noqa: ANN001
+              batch_size: int = 1024) -> config.Params:
+    """`tokenize@<run>` over `texts` split 3 ways (train, val, test, every third text), with
+    `tok` saved as tokenizer run `tokenizer`."""
+    params = config.validate({"tokenize": {"batch_size": batch_size}})
     params._root = tmp_path
     prepared = params.path("data", "stdlib") / "prepared"
     prepared.mkdir(parents=True)
     for i, split in enumerate(("train", "val", "test")):
-        pd.DataFrame({"text": tiny_texts[i::3]}).to_parquet(prepared / f"pretrain_{split}.parquet")
-    params.path("tokenizer", "bpe").mkdir(parents=True)
-    tiny_tokenizer.save(str(params.path("tokenizer", "bpe") / "tokenizer.json"))
-    tokenize.run(params, "gpt")
+        pd.DataFrame({"text": texts[i::3]}).to_parquet(prepared / f"pretrain_{split}.parquet")
+    params.path("tokenizer", tokenizer).mkdir(parents=True)
+    tok.save(str(params.path("tokenizer", tokenizer) / "tokenizer.json"))
+    tokenize.run(params, run)
+    return params
+
+
+def test_tokenize_writes_flat_uint16_shards_equal_to_the_encodings(tiny_tokenizer, tiny_texts, tmp_path):
+    params = tokenized(tmp_path, tiny_texts, tiny_tokenizer, "bpe", "gpt", batch_size=7)
 
     val = shards.load_split(params.path("tokens", "gpt"), "val")
     encodings = [tiny_tokenizer.encode(t).ids for t in tiny_texts[1::3]]
@@ -47,15 +55,7 @@ def test_tokenize_writes_flat_uint16_shards_equal_to_the_encodings(tiny_tokenize
 
 
 def test_bert_shards_drop_cls_and_end_every_document_with_sep(tiny_wordpiece, tiny_texts, tmp_path):
-    params = config.validate({})
-    params._root = tmp_path
-    prepared = params.path("data", "stdlib") / "prepared"
-    prepared.mkdir(parents=True)
-    for i, split in enumerate(("train", "val", "test")):
-        pd.DataFrame({"text": tiny_texts[i::3]}).to_parquet(prepared / f"pretrain_{split}.parquet")
-    params.path("tokenizer", "wordpiece").mkdir(parents=True)
-    tiny_wordpiece.save(str(params.path("tokenizer", "wordpiece") / "tokenizer.json"))
-    tokenize.run(params, "bert")
+    params = tokenized(tmp_path, tiny_texts, tiny_wordpiece, "wordpiece", "bert")
 
     train = shards.load_split(params.path("tokens", "bert"), "train")
     sp = specials(tiny_wordpiece)
