@@ -7,7 +7,11 @@ train the WordPiece tokenizer, then for nsp in (false, true): `pretrain@bert`,
 `evaluate@bert-tag`, each a real `bigmodel` command. Prints one markdown table (pretraining
 seconds, masked-token accuracy, NSP accuracy, classifier test macro-F1, tagger test entity F1).
 
-    python benchmarks/nsp_vs_mlm.py [--steps N] [--rounds R]
+    python benchmarks/nsp_vs_mlm.py [--steps N] [--rounds R] [--nsp-set KEY=VALUE ...]
+
+`--nsp-set` gives the NSP arm settings of its own (e.g. the learning rate it trains stably at:
+`--nsp-set pretrain.bert.lr=5e-4 --nsp-set pretrain.bert.min_lr=5e-5`); the MLM arm keeps
+params.yaml's.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=0, help="pretraining steps (0: params.yaml's)")
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds of the pair")
+    ap.add_argument("--nsp-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an override for the NSP arm only (repeatable)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="nsp-bench-") as d:
@@ -60,6 +66,8 @@ def main() -> int:
         for round_ in range(1, args.rounds + 1):
             for nsp in ("false", "true"):
                 over = [*steps, "--set", f"pretrain.bert.nsp={nsp}"]
+                if nsp == "true":
+                    over += [a for item in args.nsp_set for a in ("--set", item)]
                 seconds = bigmodel(root, "pretrain", "--name", "bert", *over)
                 bigmodel(root, "evaluate-pretrain", "--name", "bert", *over)
                 for run in ("bert-cls", "bert-tag"):
@@ -75,7 +83,8 @@ def main() -> int:
                     "tag_f1": metrics(root, "evaluate", "bert-tag")["test"]["f1"],
                 })
     print(f"### BERT: MLM against MLM + NSP at equal steps ({time.strftime('%Y-%m-%d')})\n")
-    print(f"Machine: {os.cpu_count()} cores, {cpu_model()}; commit {commit()}\n")
+    print(f"Machine: {os.cpu_count()} cores, {cpu_model()}; commit {commit()}; "
+          f"NSP arm overrides: {' '.join(args.nsp_set) or 'none'}\n")
     print("| round | objective | steps | pretrain s (process) | tokens/s | test masked-token acc | "
           "test NSP acc | bert-cls test macro-F1 | bert-tag test entity F1 |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")

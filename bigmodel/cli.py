@@ -20,11 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     extra = {"check": "validate params.yaml and exit",
              "promote": "move the champion alias to the new models if they score better",
-             "generate": "complete a prompt with a pretrained GPT"}
+             "generate": "complete a prompt with a pretrained GPT",
+             "translate": "turn a source text into its output with a trained seq2seq model"}
     for name in [*KINDS, *extra]:
         help_ = extra.get(name, f"run one {name} stage (dvc: {name}@RUN)")
         p = sub.add_parser(name, help=help_)
-        if name in KINDS or name == "generate":
+        if name in KINDS or name in ("generate", "translate"):
             section = KINDS[name][1] if name in KINDS else "pretrain"
             p.add_argument("--name", default=None, metavar="RUN",
                            help=f"which {section} run of params.yaml (default: the only one)")
@@ -49,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--top-k", type=int, default=50, help="0: no top-k filter")
             p.add_argument("--top-p", type=float, default=1.0)
             p.add_argument("--seed", type=int, default=None)
+        if name == "translate":
+            p.add_argument("--source", required=True, help="the text to turn into its output")
+            p.add_argument("--beam-size", type=positive_int, default=None,
+                           help="default: the run's beam_size (1: greedy)")
+            p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                           help="default: the run's max_len_a × source tokens + max_len_b")
     return parser
 
 
@@ -81,6 +88,14 @@ def main(argv: list[str] | None = None) -> int:
             gen = TextGenerator.load(params.path("pretrain", name))
             print(args.prompt + gen.complete(args.prompt, args.max_new_tokens, args.temperature,
                                              args.top_k, args.top_p, args.seed))
+            return 0
+        if args.command == "translate":
+            from bigmodel.tasks.seq2seq import Translator
+
+            models = {k: v for k, v in params.pretrain.items() if v.objective == "seq2seq"}
+            name = config.pick_run(models, args.name, "pretrain (seq2seq)")
+            translator = Translator(params.path("pretrain", name))
+            print(translator.translate([args.source], args.beam_size, args.max_new_tokens)[0])
             return 0
         module_name, section = KINDS[args.command]
         name = config.pick_run(getattr(params, section), args.name, section)

@@ -77,8 +77,9 @@ class HFSource(Section):
 
 class DataRun(Section):
     """One dataset: a pretraining corpus and the labelled tasks it carries. The built-in one
-    (the Python stdlib) carries a sequence-classification task (docstring → package family)
-    and a token-classification task (the names in a line of code → what they denote)."""
+    (the Python stdlib) carries a sequence-classification task (docstring → package family),
+    a token-classification task (the names in a line of code → what they denote) and a
+    sequence-to-sequence task (a function's code → its docstring's summary line)."""
 
     source: Literal["builtin", "files", "hf"] = "builtin"
     files: FilesSource = FilesSource()
@@ -92,6 +93,9 @@ class DataRun(Section):
     max_per_class: int = Field(700, ge=0)  # cap of labelled *training* examples per class (0: none)
     max_tagged: int = Field(6000, ge=0)  # cap of tagged *training* sentences (0: none)
     tag_max_words: int = Field(48, ge=4)  # longer tagged sentences are dropped
+    pair_min_chars: int = Field(1, ge=1)  # (source, target) pairs: each side at least this long
+    pair_max_chars: int = Field(1_000, ge=1)  # and at most this long, else the pair is dropped
+    pair_max_ratio: float = Field(0.0, ge=0)  # longer side / shorter side in characters (0: off)
 
     @model_validator(mode="after")
     def _check(self) -> "DataRun":
@@ -99,6 +103,10 @@ class DataRun(Section):
             raise ValueError("min_chars must not exceed max_chars")
         if self.label_min_chars > self.label_max_chars:
             raise ValueError("label_min_chars must not exceed label_max_chars")
+        if self.pair_min_chars > self.pair_max_chars:
+            raise ValueError("pair_min_chars must not exceed pair_max_chars")
+        if 0 < self.pair_max_ratio < 1:
+            raise ValueError("pair_max_ratio is longer side / shorter side: 0 (off) or >= 1")
         if self.source == "files" and not (self.files.glob or self.files.splits):
             raise ValueError("source 'files' needs files.glob (or files.splits)")
         if self.files.glob and self.files.splits:
@@ -114,7 +122,7 @@ class DataRun(Section):
     def tasks(self) -> set[str]:
         """The labelled tasks this dataset provides."""
         if self.source == "builtin":
-            return {"seq_cls", "token_cls"}
+            return {"seq_cls", "token_cls", "seq2seq"}
         if self.source == "files":
             return {"token_cls"} if self.files.format == "conll" else (
                 {"seq_cls"} if self.files.label_column else set())
@@ -127,7 +135,10 @@ class TokenizerRun(Section):
     # bpe: byte-level BPE (GPT); wordpiece: BERT's, with [CLS] [SEP] [MASK] [PAD] [UNK];
     # char: one token per character of the train split (nanoGPT's setup)
     kind: Literal["bpe", "wordpiece", "char"] = "bpe"
-    data: str = "stdlib"  # the data run whose pretraining train split it is trained on
+    data: str = "stdlib"  # the data run whose train split it is trained on
+    # which text of it: pretrain (the documents) | seq2seq (both sides of the pairs: a joint
+    # vocabulary for source and target)
+    text: Literal["pretrain", "seq2seq"] = "pretrain"
     vocab_size: int = Field(4096, ge=260, le=1 << 20)  # bpe / wordpiece
     min_frequency: int = Field(2, ge=1)
 
@@ -213,10 +224,39 @@ class BERTPretrain(PretrainBase):
         return self
 
 
-PretrainRun = Annotated[Union[GPTPretrain, BERTPretrain], Field(discriminator="family")]
-FAMILY_RUNS: dict[str, type[PretrainBase]] = {"gpt": GPTPretrain, "bert": BERTPretrain}
-# which tokenizer kinds a family can read: BERT needs [CLS] [SEP] [MASK]; GPT an end-of-text token
-FAMILY_TOKENIZERS = {"gpt": ("bpe", "char"), "bert": ("wordpiece",)}
+class Seq2SeqPretrain(PretrainBase):
+    """The encoder-decoder Transformer trained on (source, target) pairs: teacher-forced,
+    label-smoothed cross-entropy; decoded by beam search (the decoding keys are the served
+    model's defaults)."""
+
+    family: Literal["seq2seq"] = "seq2seq"
+    objective: Literal["seq2seq"] = "seq2seq"
+    tokenizer: str = "joint"
+    n_layer: int = Field(3, ge=1)  # encoder blocks
+    n_decoder_layer: int = Field(3, ge=1)
+    norm: Literal["pre", "post"] = "pre"  # post: the 2017 paper's layout
+    positions: Literal["sinusoidal", "learned"] = "sinusoidal"
+    dropout: float = Field(0.1, ge=0, lt=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    batch_size: int = Field(32, ge=1)  # pairs
+    max_steps: int = Field(1000, ge=1)
+    lr: float = Field(2e-3, gt=0, le=1)
+    min_lr: float = Field(2e-4, ge=0, le=1)
+    beta2: float = Field(0.98, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    beam_size: int = Field(4, ge=1)  # 1: greedy
+    length_penalty: float = Field(0.6, ge=0)  # GNMT's alpha: ((5 + length) / 6) ** alpha
+    max_len_a: float = Field(1.2, ge=0)  # the longest output: a × source tokens + b
+    max_len_b: int = Field(10, ge=1)
+
+
+PretrainRun = Annotated[Union[GPTPretrain, BERTPretrain, Seq2SeqPretrain],
+                        Field(discriminator="family")]
+FAMILY_RUNS: dict[str, type[PretrainBase]] = {"gpt": GPTPretrain, "bert": BERTPretrain,
+                                              "seq2seq": Seq2SeqPretrain}
+# which tokenizer kinds a family can read: BERT needs [CLS] [SEP] [MASK]; GPT an end-of-text
+# token; the encoder-decoder <|bos|> and <|endoftext|>
+FAMILY_TOKENIZERS = {"gpt": ("bpe", "char"), "bert": ("wordpiece",), "seq2seq": ("bpe", "char")}
 
 
 class FinetuneRun(Optim):
@@ -251,16 +291,18 @@ class Explain(Section):
 class Promote(Section):
     """The champion gate run by the flows after the stages (not a DVC stage: it moves aliases).
     Each registered model is scored by its task's metric on the test split: macro-F1 for a
-    classifier, entity F1 for a tagger, bits per byte for a GPT."""
+    classifier, entity F1 for a tagger, bits per byte for a GPT, BLEU for a seq2seq model."""
 
     alias: str = Field("champion", min_length=1)
     margin: float = Field(0.01, ge=0, le=1)  # needed gain in F1 to move the alias
     margin_bpb: float = Field(0.01, ge=0)  # GPT: needed drop in test bits per byte
+    margin_bleu: float = Field(0.5, ge=0)  # seq2seq: needed gain in test BLEU
     lm_eval_bytes: int = Field(200_000, ge=1_000)  # test text the GPTs are scored on
 
 
 def _default_tokenizers() -> dict[str, TokenizerRun]:
-    return {"bpe": TokenizerRun(kind="bpe"), "wordpiece": TokenizerRun(kind="wordpiece")}
+    return {"bpe": TokenizerRun(kind="bpe"), "wordpiece": TokenizerRun(kind="wordpiece"),
+            "joint": TokenizerRun(kind="bpe", text="seq2seq")}
 
 
 def _default_finetunes() -> dict[str, FinetuneRun]:
@@ -279,7 +321,8 @@ class Params(Section):
     tokenizer: dict[str, TokenizerRun] = Field(default_factory=_default_tokenizers)
     tokenize: Tokenize = Tokenize()
     pretrain: dict[str, PretrainRun] = Field(
-        default_factory=lambda: {"gpt": GPTPretrain(), "bert": BERTPretrain()})
+        default_factory=lambda: {"gpt": GPTPretrain(), "bert": BERTPretrain(),
+                                 "seq2seq": Seq2SeqPretrain()})
     finetune: dict[str, FinetuneRun] = Field(default_factory=_default_finetunes)
     evaluate: Evaluate = Evaluate()
     explain: Explain = Explain()
@@ -303,6 +346,19 @@ class Params(Section):
             if kind not in allowed:
                 raise ValueError(f"pretrain.{name}.tokenizer = {run.tokenizer!r} is a {kind} "
                                  f"tokenizer; a {run.family} model reads {' or '.join(allowed)}")
+            if run.family == "seq2seq":
+                text = self.tokenizer[run.tokenizer].text
+                if text != "seq2seq":
+                    raise ValueError(f"pretrain.{name}.tokenizer = {run.tokenizer!r} is trained "
+                                     f"on {text} text; a seq2seq model needs a joint vocabulary "
+                                     f"(a tokenizer run with text: seq2seq)")
+                if "seq2seq" not in self.data[run.corpus].tasks():
+                    raise ValueError(f"pretrain.{name}.corpus = {run.corpus!r} has no (source, "
+                                     f"target) pairs (see the README: parallel text)")
+        for name, tok in self.tokenizer.items():
+            if tok.text == "seq2seq" and "seq2seq" not in self.data[tok.data].tasks():
+                raise ValueError(f"tokenizer.{name}.text = 'seq2seq': data run {tok.data!r} has "
+                                 f"no (source, target) pairs")
         for name, ft in self.finetune.items():
             _must_name(self.pretrain, ft.base, f"finetune.{name}.base", "pretrain run")
             _must_name(self.data, ft.data, f"finetune.{name}.data", "data run")
@@ -357,6 +413,8 @@ def _must_name(runs: Mapping[str, Any], name: str, key: str, what: str) -> None:
 
 def pick_run(runs: Mapping[str, Any], name: str | None, section: str) -> str:
     """The run a command means: `name`, or the only run there is."""
+    if not runs:
+        raise BigModelError(f"{section}: params.yaml has no such run")
     if name is None:
         if len(runs) == 1:
             return next(iter(runs))
@@ -390,7 +448,7 @@ def load(path: str | Path = "params.yaml", overrides: list[str] | None = None) -
 
 # The keys of a run that dvc.yaml builds the run's stages from (`${item.corpus}` in a dep path):
 # DVC reads them from the file itself, so a file must name them even where the schema has a default.
-SPELLED_OUT = {"tokenizer": ("data",), "pretrain": ("family", "objective", "corpus", "tokenizer"),
+SPELLED_OUT = {"tokenizer": ("data", "text"), "pretrain": ("family", "objective", "corpus", "tokenizer"),
                "finetune": ("base", "task", "data")}
 
 

@@ -1,14 +1,15 @@
 """The champion gate: move a registered model's `champion` alias only to a better model.
 
-For each registered model the pipeline produces (every finetune run, every pretrain run with the
-clm objective), the newest version (the challenger, noted in its stage's `registry.json`) and the
+For each registered model the pipeline produces (every finetune run, every pretrain run whose
+task serves as it is: clm, seq2seq), the newest version (the challenger, noted in its stage's `registry.json`) and the
 version the alias points at (the champion) are scored on the *same* test split, by the same code,
 now, with the metric of the model's task (bigmodel/tasks/<task>.py, `gate_score`):
 - seq_cls: macro-F1 on its data run's `seq_cls_test.parquet` — higher is better;
 - token_cls: entity F1 (seqeval) on `token_cls_test.parquet` — higher is better;
-- clm: bits per byte on the start of its corpus's `pretrain_test.parquet` — lower is better.
+- clm: bits per byte on the start of its corpus's `pretrain_test.parquet` — lower is better;
+- seq2seq: sacreBLEU BLEU on its corpus's `seq2seq_test.parquet` — higher is better.
 The alias moves when there is no champion yet, or when the challenger is better by at least
-`promote.margin` (F1) / `promote.margin_bpb` (bits per byte). Every decision is written as tags
+`promote.margin` (F1) / `promote.margin_bpb` (bits per byte) / `promote.margin_bleu` (BLEU). Every decision is written as tags
 on the challenger version, so the registry says why each model was or was not promoted.
 """
 
@@ -47,8 +48,8 @@ class Decision:
 def run(params: Params) -> list[Decision]:
     """Gate every registered model; returns one decision each."""
     decisions = [gate_finetuned(params, name) for name in params.finetune]
-    decisions += [gate_generator(params, name) for name, spec in params.pretrain.items()
-                  if spec.objective == "clm"]
+    decisions += [gate_pretrained(params, name) for name, spec in params.pretrain.items()
+                  if hasattr(importlib.import_module(f"bigmodel.tasks.{spec.objective}"), "load")]
     return decisions
 
 
@@ -64,17 +65,12 @@ def gate_finetuned(params: Params, name: str) -> Decision:
                  higher_is_better=task.HIGHER_IS_BETTER, margin=params.promote.margin)
 
 
-def gate_generator(params: Params, name: str) -> Decision:
-    from bigmodel.tasks import clm
-
-    cfg, spec = params.promote, params.pretrain[name]
-    texts = _read(params.path("data", spec.corpus) / "prepared" / "pretrain_test.parquet")["text"].tolist()
-
-    def score(model_dir: Path) -> float:
-        return clm.gate_score(model_dir, texts, cfg.lm_eval_bytes, params.evaluate.batch_size)
-
-    return _gate(params, params.path("pretrain", name), clm.GATE_METRIC, score,
-                 higher_is_better=clm.HIGHER_IS_BETTER, margin=cfg.margin_bpb)
+def gate_pretrained(params: Params, name: str) -> Decision:
+    """A pretrain run served as it is, scored by its task's `gate_scorer`."""
+    task = importlib.import_module(f"bigmodel.tasks.{params.pretrain[name].objective}")
+    return _gate(params, params.path("pretrain", name), task.GATE_METRIC,
+                 task.gate_scorer(params, name), higher_is_better=task.HIGHER_IS_BETTER,
+                 margin=getattr(params.promote, task.GATE_MARGIN))
 
 
 def _gate(params: Params, stage_dir: Path, metric: str, score: Callable[[Path], float],

@@ -3,6 +3,8 @@ the task from its config.json, and answers with that task's predictor (bigmodel/
 
 - `clm` (a GPT): a `prompt` column in → `completion` out; params max_new_tokens, temperature
   (0: greedy), top_k, top_p, seed;
+- `seq2seq` (an encoder-decoder): a `source` column in → `output` out; params beam_size and
+  max_new_tokens (0: the model's own settings);
 - `seq_cls`: a `text` column (or a list of strings) in → `label` and one `p_<class>` column
   per class out;
 - `token_cls`: a `text` column in (split into words at spaces and punctuation: a run of letters,
@@ -56,6 +58,6 @@ class BigmodelPyfunc(mlflow.pyfunc.PythonModel):
         else:
             texts = model_input
         texts = [str(t) for t in texts]
-        if params is not None and self.task.SERVING_INPUT == "prompt":
+        if params is not None and hasattr(self.task, "SERVING_PARAMS"):
             return self.predictor.predict(texts, params)
         return self.predictor.predict(texts)

@@ -35,7 +35,7 @@ def render_report(params: Params, outcomes: list[Any], parent_run_id: str,
         lines.append(f"| {o.stage} | {status} | {o.seconds:.1f} | {link} |")
     lines += _champions(params, decisions)
     lines += _language_models(params, metrics) + _classifiers(params, metrics)
-    lines += _taggers(params, metrics) + _explain(params, metrics)
+    lines += _taggers(params, metrics) + _seq2seq(params, metrics) + _explain(params, metrics)
     lines += [
         "",
         "## Where to look",
@@ -74,6 +74,8 @@ def _language_models(params: Params, metrics: dict[str, dict[str, dict]]) -> lis
         spec = params.pretrain[name]
         train = (f"{pre.get('steps', '?')} steps, {pre.get('n_params', 0):,} params, "
                  f"{pre.get('tokens_per_s', 0):,.0f} tokens/s")
+        if m["task"] == "seq2seq":
+            continue  # its own table
         if m["task"] == "clm":
             uni = m["baselines"]["unigram"]
             rows.append(f"| {name} | {spec.family} {spec.objective} | test bits/byte | "
@@ -90,6 +92,36 @@ def _language_models(params: Params, metrics: dict[str, dict[str, dict]]) -> lis
     return ["", "## Language models (pretrain, test split)", "",
             "| run | model | metric | score | unigram baseline | training |",
             "|---|---|---|---:|---:|---|", *rows]
+
+
+def _seq2seq(params: Params, metrics: dict[str, dict[str, dict]]) -> list[str]:
+    """Every seq2seq model beside the copy and retrieval baselines, with sacreBLEU's
+    signatures and a few example outputs."""
+    runs = {n: m for n, m in metrics.get("evaluate-pretrain", {}).items()
+            if n in params.pretrain and m.get("task") == "seq2seq"}
+    if not runs:
+        return []
+    lines = ["", "## Sequence-to-sequence models (test split, sacreBLEU)", "",
+             "| run | decoding | BLEU | chrF | greedy BLEU | retrieval BLEU / chrF | copy-source BLEU / chrF | training |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    signatures, examples = [], []
+    for name, m in runs.items():
+        t, b = m["test"], m["baselines"]
+        pre = metrics.get("pretrain", {}).get(name, {})
+        train = (f"{pre.get('steps', '?')} steps, {pre.get('n_params', 0):,} params, "
+                 f"{pre.get('target_tokens_per_s', pre.get('tokens_per_s', 0)):,.0f} target tokens/s")
+        lines.append(f"| {name} | beam {t['beam_size']} | {t['bleu']:.2f} | {t['chrf']:.2f} | "
+                     f"{t['greedy_bleu']:.2f} | {b['retrieval']['bleu']:.2f} / "
+                     f"{b['retrieval']['chrf']:.2f} | {b['copy_source']['bleu']:.2f} / "
+                     f"{b['copy_source']['chrf']:.2f} | {train} |")
+        signatures.append(f"- {name}: `{t['bleu_signature']}`, `{t['chrf_signature']}`")
+        for ex in m.get("examples", []):
+            cell = [str(ex[k]).replace("|", "\\|")[:160] for k in ("source", "reference", "model")]
+            examples.append(f"| {name} | `{cell[0]}` | {cell[1]} | {cell[2]} |")
+    lines += ["", "sacreBLEU signatures:", "", *signatures]
+    if examples:
+        lines += ["", "| run | source | reference | model |", "|---|---|---|---|", *examples]
+    return lines
 
 
 def _finetuned(params: Params, metrics: dict[str, dict[str, dict]], task: str) -> dict[str, dict]:

@@ -31,8 +31,10 @@ TINY_PRETRAIN = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "bat
 TINY_FINETUNE = {"epochs": 1, "batch_size": 32, "max_len": 32, "warmup_steps": 2}
 TINY_OVERRIDES = {
     "data": {"stdlib": {"max_per_class": 40, "max_tagged": 300}},
-    "tokenizer": {"bpe": {"vocab_size": 512}, "wordpiece": {"vocab_size": 512}},
-    "pretrain": {"gpt": TINY_PRETRAIN, "bert": TINY_PRETRAIN},
+    "tokenizer": {"bpe": {"vocab_size": 512}, "wordpiece": {"vocab_size": 512},
+                  "joint": {"vocab_size": 512}},
+    "pretrain": {"gpt": TINY_PRETRAIN, "bert": TINY_PRETRAIN,
+                 "seq2seq": {**TINY_PRETRAIN, "n_decoder_layer": 1, "max_len_b": 4}},
     "finetune": {"gpt-cls": TINY_FINETUNE, "bert-cls": TINY_FINETUNE, "bert-tag": TINY_FINETUNE},
     "evaluate": {"eval_tokens": 5000, "eval_batches": 2},
     "explain": {"n_examples": 2, "max_evals": 40, "max_len": 24},
@@ -129,12 +131,16 @@ def save_tiny_model(directory: Path, tok, family: str = "gpt", task: str = "clm"
 
     torch.manual_seed(0)
     arch = registry.arch_config(family, {"vocab_size": tok.get_vocab_size(), "block_size": 32,
-                                         "n_layer": 1, "n_head": 2, "n_embd": 16})
+                                         "n_layer": 1, "n_decoder_layer": 1, "n_head": 2,
+                                         "n_embd": 16})
     model = registry.build(family, arch)
     extra: dict = {}
     if task in ("seq_cls", "token_cls"):
         extra = {"labels": labels, "max_len": 24, "pooling": pooling}
         model = heads.with_head(model, {"task": task, **extra})
+    if task == "seq2seq":
+        extra = {"decoding": {"beam_size": 3, "length_penalty": 0.6, "max_len_a": 0.5,
+                              "max_len_b": 4}}
     registry.save(model, directory, family, task, arch, extra)
     tok.save(str(directory / "tokenizer.json"))
     return directory
@@ -161,6 +167,11 @@ def tiny_tagger_dir(tmp_path, tiny_wordpiece):  # noqa: ANN001, ANN201
 @pytest.fixture
 def tiny_gpt_dir(tmp_path, tiny_tokenizer):  # noqa: ANN001, ANN201
     return save_tiny_model(tmp_path / "gpt", tiny_tokenizer)
+
+
+@pytest.fixture
+def tiny_seq2seq_dir(tmp_path, tiny_tokenizer):  # noqa: ANN001, ANN201
+    return save_tiny_model(tmp_path / "seq2seq", tiny_tokenizer, "seq2seq", "seq2seq")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Where raw text comes from: the Python standard library (default), local files, or the HF hub.
 
 Each source returns a `Corpus`: documents for pretraining and the labelled sets it carries —
-`seq_cls` (text, label) and `token_cls` (tokens, tags). Every row carries a `group`; rows of one
+`seq_cls` (text, label), `token_cls` (tokens, tags) and `seq2seq` (source, target) pairs. Every row carries a `group`; rows of one
 group always land in the same split. A row may also carry the user's own `split` (a split
 column, or one glob per split), which `prepare` then keeps as given.
 """
@@ -18,6 +18,7 @@ import pandas as pd
 
 from bigmodel.config import FilesSource, HFSource
 from bigmodel.data import conll
+from bigmodel.data.code2doc import stdlib_pairs
 from bigmodel.data.tagging import stdlib_tagging_examples
 from bigmodel.errors import BigModelError
 
@@ -61,6 +62,7 @@ class Corpus:
     documents: pd.DataFrame  # columns: text, group (+ split when fixed)
     labelled: pd.DataFrame | None  # seq_cls: text, label, group (+ split); None: no labels
     tagged: pd.DataFrame | None = None  # token_cls: tokens, tags, group (+ split)
+    pairs: pd.DataFrame | None = None  # seq2seq: source, target, group (+ split)
     description: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -102,8 +104,9 @@ def split_files(spec: FilesSource, root: Path, key: str = "files"
 
 def load_builtin(max_words: int = 48) -> Corpus:
     """The standard library of this Python: source files (documents); their docstrings,
-    labelled with the package family of the module they come from (seq_cls); and lines of code
-    whose names are tagged by what they denote (token_cls, bigmodel/data/tagging.py)."""
+    labelled with the package family of the module they come from (seq_cls); lines of code
+    whose names are tagged by what they denote (token_cls, bigmodel/data/tagging.py); and
+    functions paired with their docstring's summary line (seq2seq, bigmodel/data/code2doc.py)."""
     root, files = builtin_files()
     docs, examples = [], []
     for path in files:
@@ -126,6 +129,7 @@ def load_builtin(max_words: int = 48) -> Corpus:
         documents=pd.DataFrame(docs, columns=["text", "group"]),
         labelled=pd.DataFrame(examples, columns=["text", "label", "group"]),
         tagged=stdlib_tagging_examples(root, files, max_words=max_words),
+        pairs=stdlib_pairs(root, files),
         description={"source": "builtin", "stdlib": str(root), "files": len(docs)},
     )
 

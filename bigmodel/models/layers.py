@@ -1,9 +1,10 @@
-"""Blocks every model is built from: attention (SDPA), MLP, transformer block, norms.
+"""Blocks every model is built from: attention (SDPA), MLP, transformer blocks, positions.
 
 Attention runs through `F.scaled_dot_product_attention`, which picks flash / memory-efficient
 kernels on CUDA and a fused kernel on the CPU. Only when attention maps are asked for (the
 explain stage) does it compute the softmax explicitly. For generation, `KVCache` keeps each
-layer's keys and values so that a step feeds only the new tokens.
+layer's keys and values so that a step feeds only the new tokens; `CrossAttention` takes the
+encoder's keys and values once per source (`memory_kv`) and reuses them at every step.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ class KVCache:
         self.v[:, :, self.length:end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (beam search: each surviving hypothesis takes its parent's keys)."""
+        if self.k is not None:
+            self.k, self.v = self.k[index], self.v[index]
 
 
 class SelfAttention(nn.Module):
@@ -99,6 +105,51 @@ class SelfAttention(nn.Module):
         return att @ v  # (B, nh, T, hs)
 
 
+class CrossAttention(nn.Module):
+    """Queries from the decoder, keys and values from the encoder's output (`memory`), padding
+    keys masked: the attention of "Attention Is All You Need"'s decoder that reads the source.
+    `memory_kv(memory)` projects the keys and values once; decoding steps pass them back in."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0):
+        super().__init__()
+        assert n_embd % n_head == 0
+        self.n_head, self.dropout = n_head, dropout
+        self.q = nn.Linear(n_embd, n_embd, bias=False)
+        self.kv = nn.Linear(n_embd, 2 * n_embd, bias=False)
+        self.proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.resid_drop = nn.Dropout(dropout)
+        self.keep_maps = False  # True: record `last_map` (B, nh, T, S), the alignment to the source
+        self.last_map: torch.Tensor | None = None
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v), each (B, nh, S, hs), of encoder states (B, S, C)."""
+        B, S, C = memory.shape
+        k, v = self.kv(memory).split(C, dim=2)
+        hs = C // self.n_head
+        return (k.view(B, S, self.n_head, hs).transpose(1, 2),
+                v.view(B, S, self.n_head, hs).transpose(1, 2))
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C) attends over the source keys/values `kv`; memory_mask (B, S) True = real."""
+        B, T, C = x.shape
+        q = self.q(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k, v = kv
+        mask = None if memory_mask is None else memory_mask[:, None, None, :]  # (B, 1, 1, S)
+        if self.keep_maps:
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, S)
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            att = att.softmax(dim=-1)
+            self.last_map = att.detach()
+            y = att @ v
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
 class MLP(nn.Module):
     def __init__(self, n_embd: int, dropout: float = 0.0):
         super().__init__()
@@ -136,6 +187,45 @@ class Block(nn.Module):
             return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x), pad_mask, cache)
         return x + self.mlp(self.ln_2(x))
+
+
+class DecoderBlock(nn.Module):
+    """The encoder-decoder Transformer's decoder block: causal self-attention, attention over
+    the encoder output, MLP; pre-norm by default, norm="post" is the 2017 paper's layout."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, norm: str = "pre"):
+        super().__init__()
+        if norm not in ("pre", "post"):
+            raise ValueError(f"norm must be 'pre' or 'post', not {norm!r}")
+        self.norm = norm
+        self.ln_1 = nn.LayerNorm(n_embd, bias=False)
+        self.attn = SelfAttention(n_embd, n_head, dropout, causal=True)
+        self.ln_2 = nn.LayerNorm(n_embd, bias=False)
+        self.cross = CrossAttention(n_embd, n_head, dropout)
+        self.ln_3 = nn.LayerNorm(n_embd, bias=False)
+        self.mlp = MLP(n_embd, dropout)
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                memory_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        if self.norm == "post":
+            x = self.ln_1(x + self.attn(x, cache=cache))
+            x = self.ln_2(x + self.cross(x, kv, memory_mask))
+            return self.ln_3(x + self.mlp(x))
+        x = x + self.attn(self.ln_1(x), cache=cache)
+        x = x + self.cross(self.ln_2(x), kv, memory_mask)
+        return x + self.mlp(self.ln_3(x))
+
+
+def sinusoidal_positions(n_positions: int, n_embd: int) -> torch.Tensor:
+    """(n_positions, n_embd) sin/cos position encodings of Vaswani et al. (2017), section 3.5:
+    PE(pos, 2i) = sin(pos / 10000^(2i/C)), PE(pos, 2i+1) = cos(pos / 10000^(2i/C))."""
+    pos = torch.arange(n_positions, dtype=torch.float64)[:, None]
+    rate = torch.pow(10000.0, -torch.arange(0, n_embd, 2, dtype=torch.float64) / n_embd)
+    table = torch.zeros(n_positions, n_embd, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * rate)
+    table[:, 1::2] = torch.cos(pos * rate)[:, : n_embd // 2]
+    return table.float()
 
 
 def init_weights(module: nn.Module, n_layer: int) -> None:

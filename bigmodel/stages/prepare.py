@@ -5,6 +5,7 @@ Outputs (in `data/<run>/prepared/`):
     pretrain_{train,val,test}.parquet   text, group          (documents for pretraining)
     seq_cls_{train,val,test}.parquet    text, label, group   (when the source has labels)
     token_cls_{train,val,test}.parquet  tokens, tags, group  (when it has tagged sentences)
+    seq2seq_{train,val,test}.parquet    source, target, group (when it has pairs)
     manifest.json                       rows, bytes, class / tag balance, sha256 of every file
 A user's fixed split (a split column, one glob per split) is kept as given; otherwise whole
 groups (source files) are assigned to splits by a seeded hash, so no file spans two splits.
@@ -33,33 +34,42 @@ def run(params: Params, name: str) -> str:
     with tracking.stage_run(f"prepare@{name}", params, param_keys(params, "prepare", name)) as mlrun:
         corpus = load(params, name)
         docs = clean(corpus.documents, cfg.min_chars, cfg.max_chars, collapse_spaces=False)
-        labelled = tagged = None
+        labelled = tagged = pairs = None
+        dropped: dict[str, int] = {}
         if corpus.labelled is not None:
             labelled = clean(corpus.labelled, cfg.label_min_chars, cfg.label_max_chars,
                              collapse_spaces=True)
         if corpus.tagged is not None:
             tagged = clean_tagged(corpus.tagged, cfg.tag_max_words)
+        if corpus.pairs is not None:
+            pairs, dropped = clean_pairs(corpus.pairs, cfg)
         if not corpus.fixed_split:  # the user's own split is kept as given
-            where = group_splits(docs, labelled, tagged, params.seed, cfg)
+            where = group_splits(docs, labelled, tagged, params.seed, cfg, pairs)
             docs = docs.assign(split=docs["group"].map(where))
             if labelled is not None:
                 labelled = labelled.assign(split=labelled["group"].map(where))
             if tagged is not None:
                 tagged = tagged.assign(split=tagged["group"].map(where))
+            if pairs is not None:
+                pairs = pairs.assign(split=pairs["group"].map(where))
+        if pairs is not None:
+            _nonempty_splits(pairs, name, "(source, target) pair")
         if labelled is not None:
             labelled = cap_train(labelled, cfg.max_per_class, by="label")
             check_labelled(labelled, name)
         if tagged is not None:
             tagged = cap_train(tagged, cfg.max_tagged)
             check_tagged(tagged, name)
-        manifest = write(params, name, docs, labelled, tagged, corpus.description)
+        manifest = write(params, name, docs, labelled, tagged, corpus.description, pairs, dropped)
         counts = flat_counts(manifest)
         write_json(params.metrics_file("prepare", name), counts)
         mlrun.metrics(counts)
         mlrun.artifact(params.path("data", name) / "prepared" / "manifest.json")
     n_lab = 0 if labelled is None else len(labelled)
     n_tag = 0 if tagged is None else len(tagged)
-    return f"{len(docs)} documents, {n_lab} labelled texts, {n_tag} tagged sentences"
+    n_pairs = 0 if pairs is None else len(pairs)
+    return (f"{len(docs)} documents, {n_lab} labelled texts, {n_tag} tagged sentences, "
+            f"{n_pairs} pairs")
 
 
 def load(params: Params, name: str) -> sources.Corpus:
@@ -111,13 +121,37 @@ def clean_tagged(table: pd.DataFrame, max_words: int) -> pd.DataFrame:
     return table.drop_duplicates(subset="_k", keep="first").drop(columns="_k").reset_index(drop=True)
 
 
+def clean_pairs(table: pd.DataFrame, cfg: DataRun) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Normalise both sides to one line; drop pairs with an empty side, a side outside
+    [pair_min_chars, pair_max_chars], a length ratio over pair_max_ratio, and exact duplicate
+    pairs (the first copy in group order survives). Returns the pairs and what each filter
+    dropped, for the manifest."""
+    table = table.assign(source=[normalise(t, True) for t in table["source"]],
+                         target=[normalise(t, True) for t in table["target"]])
+    dropped = {"pairs_in": len(table)}
+    ns, nt = table["source"].str.len(), table["target"].str.len()
+    ok = (ns >= cfg.pair_min_chars) & (nt >= cfg.pair_min_chars)
+    ok &= (ns <= cfg.pair_max_chars) & (nt <= cfg.pair_max_chars)
+    dropped["pairs_dropped_length"] = int((~ok).sum())
+    table, ns, nt = table[ok], ns[ok], nt[ok]
+    if cfg.pair_max_ratio:
+        ratio = pd.concat([ns, nt], axis=1).max(axis=1) / pd.concat([ns, nt], axis=1).min(axis=1)
+        dropped["pairs_dropped_ratio"] = int((ratio > cfg.pair_max_ratio).sum())
+        table = table[ratio <= cfg.pair_max_ratio]
+    table = table.sort_values(["group", "source", "target"], kind="stable")
+    before = len(table)
+    table = table.drop_duplicates(subset=["source", "target"], keep="first").reset_index(drop=True)
+    dropped["pairs_dropped_duplicate"] = before - len(table)
+    return table, dropped
+
+
 def group_splits(docs: pd.DataFrame, labelled: pd.DataFrame | None, tagged: pd.DataFrame | None,
-                 seed: int, cfg: DataRun) -> dict[str, str]:
+                 seed: int, cfg: DataRun, pairs: pd.DataFrame | None = None) -> dict[str, str]:
     """Map every group to one split. Groups without labels split by hash; labelled groups are
     split per class (stratified), so each class gets about its share of val and test examples
     even when a few groups (large source files) hold most of a class."""
     groups = set(docs["group"])
-    for table in (labelled, tagged):
+    for table in (labelled, tagged, pairs):
         if table is not None:
             groups |= set(table["group"])
     where = {g: split_of(g, seed, cfg.val_fraction, cfg.test_fraction) for g in groups}
@@ -185,12 +219,16 @@ def _nonempty_splits(table: pd.DataFrame, name: str, what: str) -> None:
 
 
 def write(params: Params, name: str, docs: pd.DataFrame, labelled: pd.DataFrame | None,
-          tagged: pd.DataFrame | None, description: dict[str, object]) -> dict[str, object]:
+          tagged: pd.DataFrame | None, description: dict[str, object],
+          pairs: pd.DataFrame | None = None, dropped: dict[str, int] | None = None
+          ) -> dict[str, object]:
     out = params.path("data", name) / "prepared"
     manifest: dict[str, object] = {"source": description, "seed": params.seed, "files": {}}
+    if dropped:
+        manifest["pair_filters"] = dropped
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        tables = {"pretrain": docs, "seq_cls": labelled, "token_cls": tagged}
+        tables = {"pretrain": docs, "seq_cls": labelled, "token_cls": tagged, "seq2seq": pairs}
         for kind, table in tables.items():
             if table is None:
                 continue
@@ -201,7 +239,12 @@ def write(params: Params, name: str, docs: pd.DataFrame, labelled: pd.DataFrame 
                                         f"({len(table)} documents in all); add data")
                 file = f"{kind}_{split}.parquet"
                 part.to_parquet(tmp / file, index=False)
-                text = part["text"] if "text" in part else part["tokens"].map(" ".join)
+                if "text" in part:
+                    text = part["text"]
+                elif "tokens" in part:
+                    text = part["tokens"].map(" ".join)
+                else:
+                    text = part["source"] + part["target"]
                 entry: dict[str, object] = {
                     "rows": len(part),
                     "bytes": int(text.str.encode("utf-8").str.len().sum()),
@@ -218,7 +261,7 @@ def write(params: Params, name: str, docs: pd.DataFrame, labelled: pd.DataFrame 
 
 
 def flat_counts(manifest: dict[str, object]) -> dict[str, float]:
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = dict(manifest.get("pair_filters", {}))  # type: ignore[arg-type]
     for name, entry in manifest["files"].items():  # type: ignore[union-attr]
         stem = name.removesuffix(".parquet")
         metrics[f"{stem}_rows"] = entry["rows"]

@@ -4,8 +4,8 @@ run's token shards (the one trainer, bigmodel/train/trainer.py, for every family
 Output: `models/pretrain/<run>/` model.safetensors + config.json (family, task = objective,
 architecture) + tokenizer.json (the final model, a folder that stands on its own) and
 checkpoint/ (what `--resume` continues from); metrics/pretrain/<run>.json;
-plots/pretrain/<run>.csv. A causal LM is also logged to MLflow as a text generator and
-registered as `bigmodel-<run>`.
+plots/pretrain/<run>.csv. A model whose task serves as it is (a causal LM: text generator; a
+seq2seq model: text in, text out) is also logged to MLflow and registered as `bigmodel-<run>`.
 
 Under torchrun (`bigmodel pretrain --nproc N`) every rank trains on its slice of each global batch
 and rank 0 alone writes outputs and logs to MLflow.
@@ -57,14 +57,15 @@ def train(params: Params, name: str, resume: bool, world: World) -> str:
     meta = shards.read_meta(tokens_dir)
     tok_dir = params.path("tokenizer", spec.tokenizer)
     tok = load_tokenizer(tok_dir)
+    sp = specials(tok)
     arch = registry.arch_config(spec.family, {**spec.model_dump(), "vocab_size": meta["vocab_size"],
-                                              "pad_id": specials(tok).pad})
+                                              "pad_id": sp.pad, "bos_id": sp.bos, "eos_id": sp.eot})
     model = registry.build(spec.family, arch)
     if world.rank:
         seed_everything(params.seed + world.rank)
     trainer = Trainer(model, spec, spec.max_steps, world, spec.parallel, label=f"pretrain@{name}")
     objective = importlib.import_module(f"bigmodel.objectives.{spec.objective}").make(
-        spec, shards.load_split(tokens_dir, "train"), shards.load_split(tokens_dir, "val"),
+        spec, shards.load(tokens_dir, "train"), shards.load(tokens_dir, "val"),
         specials(tok), f"pretrain.{name}", params.seed, trainer.device, world)
     ckpt = out / "checkpoint"
     if world.is_main:
@@ -95,11 +96,13 @@ def train(params: Params, name: str, resume: bool, world: World) -> str:
         if not mlrun:
             return f"rank {world.rank}: step {result.step}"
         assert final is not None
+        task = importlib.import_module(f"bigmodel.tasks.{spec.objective}")
+        extra = getattr(task, "saved_config", lambda spec: {})(spec)
         save_final(final, spec.family, spec.objective, arch, out,
-                   {"tokenizer_sha256": sha256_file(tok_dir / "tokenizer.json")})
+                   {"tokenizer_sha256": sha256_file(tok_dir / "tokenizer.json"), **extra})
         with atomic_path(out / "tokenizer.json") as tmp:  # the model folder stands on its own
             shutil.copy(tok_dir / "tokenizer.json", tmp)
-        return publish(params, name, final, result, history, mlrun)
+        return publish(params, name, final, result, history, mlrun, objective.unit)
 
 
 @contextmanager
@@ -113,17 +116,19 @@ def main_rank_run(world: World, params: Params, name: str) -> Iterator[tracking.
 
 
 def publish(params: Params, name: str, model: nn.Module, result: FitResult, history: History,
-            mlrun: tracking.StageRun) -> str:
+            mlrun: tracking.StageRun, unit: str = "tokens") -> str:
     """Write metrics and plot; register the model when its task serves (rank 0 only)."""
     spec, out = params.pretrain[name], params.path("pretrain", name)
     registered = ""
-    if spec.objective == "clm":  # a text generator; an MLM encoder is served through its finetunes
+    # a text generator or a seq2seq model serves as it is (its task has a predictor to `load`);
+    # an MLM encoder is served through its finetunes
+    if hasattr(importlib.import_module(f"bigmodel.tasks.{spec.objective}"), "load"):
         version = register(mlrun, out, params.registered_name(name))
         registered = f"; registered {params.registered_name(name)} v{version}"
     metrics = {
         "train_loss": result.train_loss,
         **result.eval_metrics,
-        "tokens_per_s": result.tokens_per_s,
+        f"{unit}_per_s": result.tokens_per_s,  # tokens, or target tokens (seq2seq)
         "seconds": result.seconds,
         "steps": result.step,
         "n_params": model.num_params(),
@@ -134,7 +139,7 @@ def publish(params: Params, name: str, model: nn.Module, result: FitResult, hist
     mlrun.artifact(params.plot_file("pretrain", name), "plots")
     evals = ", ".join(f"{k} {v:.3f}" for k, v in result.eval_metrics.items())
     return (f"step {result.step}: train loss {result.train_loss:.3f}, {evals}, "
-            f"{result.tokens_per_s:,.0f} tokens/s{registered}")
+            f"{result.tokens_per_s:,.0f} {unit.replace('_', ' ')}/s{registered}")
 
 
 def remove_partial_writes(out: Path) -> None:

@@ -1,8 +1,11 @@
 """Stage `tokenize@<pretrain run>`: encode the run's corpus with the run's tokenizer into one
-flat token file per split (the layout: bigmodel/text/shards.py)."""
+flat token file per split, or, for an objective that trains on (source, target) pairs
+(`LAYOUT = "pairs"` in its module), one file per side of the pairs (the layouts:
+bigmodel/text/shards.py)."""
 
 from __future__ import annotations
 
+import importlib
 import itertools
 from pathlib import Path
 
@@ -32,7 +35,12 @@ def run(params: Params, name: str) -> str:
         "tokenizer_sha256": sha256_file(tok_file),
         "splits": {},
     }
+    layout = getattr(importlib.import_module(f"bigmodel.objectives.{spec.objective}"), "LAYOUT",
+                     "stream")
+    meta["layout"] = layout
     out = params.path("tokens", name)
+    if layout == "pairs":
+        return run_pairs(params, name, tok, prepared, out, meta, dtype)
     with tracking.stage_run(f"tokenize@{name}", params, param_keys(params, "tokenize", name)) as mlrun, \
             atomic_path(out) as tmp:
         tmp.mkdir()
@@ -80,3 +88,38 @@ def doc_ids(ids: list[int], tok: Tokenizer) -> list[int]:
     the leading [CLS] (each training window adds its own) and keep the closing [SEP]."""
     cls = tok.token_to_id("[CLS]")
     return ids[1:] if cls is not None and ids and ids[0] == cls else ids
+
+
+def run_pairs(params: Params, name: str, tok: Tokenizer, prepared: Path, out: Path,
+              meta: dict[str, object], dtype: type) -> str:
+    """Each split's `seq2seq_<split>.parquet` → {split}_src/_tgt .bin and offset files."""
+    with tracking.stage_run(f"tokenize@{name}", params, param_keys(params, "tokenize", name)) as mlrun, \
+            atomic_path(out) as tmp:
+        tmp.mkdir()
+        for split in SPLIT_NAMES:
+            src = prepared / f"seq2seq_{split}.parquet"
+            if not src.is_file():
+                raise BigModelError(f"{src}: not found: data.{params.pretrain[name].corpus} has "
+                                    f"no (source, target) pairs (see the README: parallel text)")
+            table = pq.read_table(src, columns=["source", "target"])
+            info: dict[str, int] = {"pairs": table.num_rows}
+            for side, column in (("src", "source"), ("tgt", "target")):
+                texts = table.column(column).to_pylist()
+                ids = [e.ids for e in tok.encode_batch(texts)]  # each ends with <|endoftext|>
+                lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+                np.save(tmp / f"{split}_{side}.npy", np.concatenate([[0], np.cumsum(lengths)]))
+                flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype,
+                                   count=int(lengths.sum()))
+                (tmp / f"{split}_{side}.bin").write_bytes(flat.tobytes())
+                info[f"{side}_tokens"] = int(lengths.sum())
+            info["tokens"] = info["tgt_tokens"]
+            info["bytes"] = sum(len(t.encode("utf-8")) for t in table.column("target").to_pylist())
+            meta["splits"][split] = info  # type: ignore[index]
+            mlrun.metrics({f"{split}_{k}": v for k, v in info.items() if k != "bytes"})
+        write_json(tmp / "meta.json", meta)
+    write_json(params.metrics_file("tokenize", name),
+               {f"{s}_{k}": v[k] for s, v in meta["splits"].items()  # type: ignore[union-attr]
+                for k in ("pairs", "src_tokens", "tgt_tokens")})
+    train = meta["splits"]["train"]  # type: ignore[index]
+    return (f"train {train['pairs']:,} pairs: {train['src_tokens']:,} source and "
+            f"{train['tgt_tokens']:,} target tokens ({meta['dtype']})")

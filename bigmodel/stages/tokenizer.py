@@ -1,5 +1,6 @@
 """Stage `tokenizer@<run>`: train a tokenizer (bpe, wordpiece or char; bigmodel/text/tokenizers.py)
-on the pretraining train split of the run's data, only.
+on the train split of the run's data, only: its pretraining documents, or (text: seq2seq) the
+source and the target side of its pairs, for one joint vocabulary.
 
 Output: `models/tokenizer/<run>/tokenizer.json`; metrics/tokenizer/<run>.json (vocabulary, bytes
 per token on val).
@@ -25,11 +26,11 @@ def run(params: Params, name: str) -> str:
     cfg = params.tokenizer[name]
     prepared, out = params.path("data", cfg.data) / "prepared", params.path("tokenizer", name)
     with tracking.stage_run(f"tokenizer@{name}", params, param_keys(params, "tokenizer", name)) as mlrun:
-        texts = iter_texts(prepared / "pretrain_train.parquet")
+        texts = iter_texts(prepared / f"{cfg.text}_train.parquet")
         tok = tokenizers.train(cfg.kind, texts, cfg.vocab_size, cfg.min_frequency)
         metrics = {
             "vocab_size": tok.get_vocab_size(),
-            "val_bytes_per_token": bytes_per_token(tok, prepared / "pretrain_val.parquet"),
+            "val_bytes_per_token": bytes_per_token(tok, prepared / f"{cfg.text}_val.parquet"),
         }
         with atomic_path(out) as tmp:
             tmp.mkdir()
@@ -42,10 +43,15 @@ def run(params: Params, name: str) -> str:
 
 
 def iter_texts(parquet: Path, batch_rows: int = 256) -> Iterator[str]:
+    """Every text of a prepared table (both sides of a pairs table)."""
     if not parquet.is_file():
-        raise BigModelError(f"{parquet}: not found (run `bigmodel prepare` first)")
-    for batch in pq.ParquetFile(parquet).iter_batches(batch_size=batch_rows, columns=["text"]):
-        yield from batch.column(0).to_pylist()
+        raise BigModelError(f"{parquet}: not found (run `bigmodel prepare` first; a data run "
+                            f"without pairs has no seq2seq tables)")
+    names = pq.ParquetFile(parquet).schema_arrow.names
+    columns = ["text"] if "text" in names else ["source", "target"]  # documents, or pairs
+    for batch in pq.ParquetFile(parquet).iter_batches(batch_size=batch_rows, columns=columns):
+        for column in batch.columns:
+            yield from column.to_pylist()
 
 
 def bytes_per_token(tok: Tokenizer, parquet: Path) -> float:

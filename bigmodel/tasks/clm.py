@@ -27,6 +27,7 @@ from bigmodel.errors import BigModelError
 from bigmodel.models import gpt as gpt_lib
 from bigmodel.models import registry
 from bigmodel.models.layers import KVCache
+from bigmodel.text import shards
 from bigmodel.text.shards import Split
 from bigmodel.text.tokenizers import EOT, load as load_tokenizer
 
@@ -34,6 +35,7 @@ GATE_METRIC, HIGHER_IS_BETTER = "test_bpb", False
 SERVING_INPUT = "prompt"
 GENERATE_DEFAULTS = {"max_new_tokens": 48, "temperature": 0.8, "top_k": 50, "top_p": 1.0,
                      "seed": -1}
+SERVING_PARAMS = GENERATE_DEFAULTS  # what a request may set (the pyfunc passes them on)
 
 
 @torch.no_grad()
@@ -164,6 +166,14 @@ def evaluate(model_dir: Path, splits: dict[str, Split], train: Split, eval_token
                      f"perplexity {scores['test_perplexity']:.1f}")
 
 
+def evaluate_pretrained(params: Any, name: str) -> tuple[dict[str, Any], str]:
+    """`evaluate` on the run's val and test shards (the evaluate-pretrain stage)."""
+    tokens = params.path("tokens", name)
+    splits = {s: shards.load_split(tokens, s) for s in ("val", "test")}
+    return evaluate(params.path("pretrain", name), splits, shards.load_split(tokens, "train"),
+                    params.evaluate.eval_tokens, params.evaluate.batch_size)
+
+
 def window_loss(model: gpt_lib.GPT, data: np.ndarray, block: int, batch_size: int) -> float:
     n = (len(data) - 1) // block
     if n == 0:
@@ -196,3 +206,17 @@ def text_bpb(model_dir: Path, texts: list[str], max_bytes: int, batch_size: int)
 
 def gate_score(model_dir: Path, texts: list[str], max_bytes: int, batch_size: int) -> float:
     return text_bpb(model_dir, texts, max_bytes, batch_size)
+
+
+GATE_MARGIN = "margin_bpb"  # the promote key: the drop in bits per byte a challenger needs
+
+
+def gate_scorer(params: Any, name: str) -> Any:
+    """Scores a model folder of pretrain run `name` for the champion gate: bits per byte on the
+    start of its corpus's raw test text (any tokenizer: the text is the same)."""
+    cfg, spec = params.promote, params.pretrain[name]
+    test = params.path("data", spec.corpus) / "prepared" / "pretrain_test.parquet"
+    if not test.is_file():
+        raise BigModelError(f"{test}: not found (run the prepare stage first)")
+    texts = pd.read_parquet(test)["text"].tolist()
+    return lambda model_dir: gate_score(model_dir, texts, cfg.lm_eval_bytes, params.evaluate.batch_size)

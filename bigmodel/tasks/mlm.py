@@ -13,6 +13,7 @@ from typing import Any
 
 from bigmodel.models import registry
 from bigmodel.objectives import mlm as objective
+from bigmodel.text import shards
 from bigmodel.text.shards import Split
 from bigmodel.text.tokenizers import load as load_tokenizer, specials
 
@@ -38,3 +39,11 @@ def evaluate(model_dir: Path, test: Split, train: Split, n_batches: int, batch_s
     nsp = f", NSP accuracy {scores['nsp_accuracy']:.3f}" if "nsp_accuracy" in scores else ""
     return metrics, (f"test masked-token accuracy {scores['masked_accuracy']:.3f} (unigram "
                      f"{baseline['masked_accuracy']:.3f}), loss {scores['mlm_loss']:.3f}{nsp}")
+
+
+def evaluate_pretrained(params: Any, name: str) -> tuple[dict[str, Any], str]:
+    """`evaluate` on the run's test shard (the evaluate-pretrain stage)."""
+    tokens = params.path("tokens", name)
+    return evaluate(params.path("pretrain", name), shards.load_split(tokens, "test"),
+                    shards.load_split(tokens, "train"), params.evaluate.eval_batches,
+                    params.evaluate.batch_size, params.seed, params.pretrain[name].mask_rate)

@@ -6,6 +6,10 @@ for GPT or `[SEP]` for BERT), {split}_docs.npy (each document's start offset, fo
 that need document boundaries such as next-sentence prediction), and meta.json (dtype,
 vocabulary, the tokenizer's sha256, tokens and UTF-8 bytes per split — the bytes make bits per
 byte computable from a loss in nats per token).
+
+A corpus of (source, target) pairs (the seq2seq objective) is laid out as `meta.json` says with
+`"layout": "pairs"`: {split}_src.bin and {split}_tgt.bin (each text followed by <|endoftext|>)
+with {split}_src.npy / {split}_tgt.npy, each pair's start offsets plus the end (P + 1 entries).
 """
 
 from __future__ import annotations
@@ -47,3 +51,56 @@ def load_split(directory: Path, split: str) -> Split:
                             f"{info['tokens']} (a truncated file? rerun `bigmodel tokenize`)")
     docs = np.load(directory / f"{split}_docs.npy")
     return Split(tokens, docs, int(info["bytes"]))
+
+
+@dataclass
+class Pairs:
+    """A split of (source, target) token pairs; pair i is src[src_offsets[i]:src_offsets[i+1]]."""
+
+    src: np.ndarray  # (N_src,) memory-mapped
+    src_offsets: np.ndarray  # (P + 1,) int64
+    tgt: np.ndarray
+    tgt_offsets: np.ndarray
+    n_bytes: int  # UTF-8 bytes of the target texts
+
+    def __len__(self) -> int:
+        return len(self.src_offsets) - 1
+
+    @property
+    def src_lengths(self) -> np.ndarray:
+        return np.diff(self.src_offsets)
+
+    @property
+    def tgt_lengths(self) -> np.ndarray:
+        return np.diff(self.tgt_offsets)
+
+    def source(self, i: int) -> np.ndarray:
+        return np.asarray(self.src[self.src_offsets[i]:self.src_offsets[i + 1]], dtype=np.int64)
+
+    def target(self, i: int) -> np.ndarray:
+        return np.asarray(self.tgt[self.tgt_offsets[i]:self.tgt_offsets[i + 1]], dtype=np.int64)
+
+
+def load(directory: Path, split: str) -> Split | Pairs:
+    """One split, in the layout meta.json names (a token stream, or pairs)."""
+    if read_meta(directory).get("layout", "stream") == "pairs":
+        return load_pairs(directory, split)
+    return load_split(directory, split)
+
+
+def load_pairs(directory: Path, split: str) -> Pairs:
+    meta = read_meta(directory)
+    info = meta["splits"][split]
+    sides = []
+    for side in ("src", "tgt"):
+        offsets = np.load(directory / f"{split}_{side}.npy")
+        file = directory / f"{split}_{side}.bin"
+        # np.memmap refuses an empty file: a split without pairs reads as no tokens
+        tokens = (np.memmap(file, dtype=meta["dtype"], mode="r") if file.stat().st_size
+                  else np.zeros(0, dtype=meta["dtype"]))
+        if len(tokens) != offsets[-1] or len(offsets) != info["pairs"] + 1:
+            raise BigModelError(f"{directory / f'{split}_{side}.bin'}: {len(tokens)} tokens in "
+                                f"{len(offsets) - 1} pairs do not match meta.json (a truncated "
+                                f"file? rerun `bigmodel tokenize`)")
+        sides += [tokens, offsets]
+    return Pairs(*sides, n_bytes=int(info["bytes"]))

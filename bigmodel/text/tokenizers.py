@@ -1,7 +1,8 @@
 """Tokenizers (HF `tokenizers`), their special tokens, and how text becomes padded id arrays.
 
 - `bpe`: byte-level BPE with `vocab_size` entries (any byte sequence stays encodable); a text
-  encodes to its tokens followed by `<|endoftext|>` (GPT).
+  encodes to its tokens followed by `<|endoftext|>` (GPT; the encoder-decoder's end of
+  sequence, its decoder starting from `<|bos|>`).
 - `wordpiece`: BERT's WordPiece (lower-casing off: code is case-sensitive), with
   [PAD] [UNK] [CLS] [SEP] [MASK] as ids 0-4; a text encodes to `[CLS] tokens [SEP]`.
 - `char`: one token per character seen in the train split plus `<|unk|>` (nanoGPT's
@@ -35,7 +36,8 @@ from bigmodel.errors import BigModelError
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
 UNK = "<|unk|>"
-GPT_SPECIALS = [EOT, PAD]
+BOS = "<|bos|>"  # the first input of a seq2seq decoder
+GPT_SPECIALS = [EOT, PAD, BOS]
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -44,7 +46,8 @@ class Specials:
     """The special-token ids of a tokenizer; absent ones are None."""
 
     pad: int
-    eot: int | None = None  # GPT: end of text (ends every document)
+    eot: int | None = None  # GPT: end of text (ends every document); seq2seq: end of sequence
+    bos: int | None = None  # seq2seq: the decoder's start
     unk: int | None = None
     cls: int | None = None  # BERT
     sep: int | None = None
@@ -63,7 +66,8 @@ def specials(tok: Tokenizer) -> Specials:
         raise BigModelError("tokenizer has neither BERT's [PAD] nor GPT's <|pad|> token; "
                             "retrain it with `bigmodel tokenizer`")
     return Specials(pad=pad, eot=tok.token_to_id(EOT), unk=tok.token_to_id(UNK),
-                    n_special=len(GPT_SPECIALS), vocab_size=tok.get_vocab_size())
+                    bos=tok.token_to_id(BOS), n_special=len(GPT_SPECIALS),
+                    vocab_size=tok.get_vocab_size())
 
 
 def train(kind: str, texts: Iterator[str], vocab_size: int, min_frequency: int) -> Tokenizer:

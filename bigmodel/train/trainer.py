@@ -152,7 +152,7 @@ class Trainer:
         eval_interval: int,
         log: Callable[[dict[str, float], int], None],
         log_interval: int,
-        tokens_per_step: int,
+        tokens_per_step: int | Callable[[], int],
         unit: str = "tokens",
         flops_per_token: float | None = None,
         checkpoint: Callable[[], None] | None = None,
@@ -162,11 +162,16 @@ class Trainer:
         """Train from self.step to max_steps. `next_batch` gives one micro-batch on the device
         (this rank's share of the global one under DDP). Every rank calls `log` and `checkpoint`;
         the stage decides what rank > 0 does with them. `tokens_per_step` counts all ranks, in
-        `unit`s (tokens, examples); rank 0 prints a progress line at every log interval."""
+        `unit`s (tokens, examples), or is a counter of the units drawn so far when a step's
+        varies (target tokens of seq2seq batches); rank 0 prints a progress line at every log
+        interval."""
         cfg = self.cfg
+        fixed = tokens_per_step
+        count = fixed if callable(fixed) else (lambda: self.step * fixed)  # type: ignore[operator]
         peak = peak_flops(self.device)
         start = time.perf_counter()
-        t_last, step_last, first_step = start, self.step, self.step
+        t_last, first_step = start, self.step
+        units_last = units_first = count()
         train_loss = float("nan")
         metrics: dict[str, float] = {}
         self.model.train()
@@ -187,7 +192,8 @@ class Trainer:
             if due_log:
                 train_loss = window / (self.step - self.window_start)
                 now = time.perf_counter()
-                tok_s = (self.step - step_last) * tokens_per_step / (now - t_last)
+                units = count()
+                tok_s = (units - units_last) / (now - t_last)
                 row = {"train_loss": train_loss, "lr": lr, f"{unit}_per_s": tok_s}
                 if peak and flops_per_token:
                     row["mfu"] = tok_s * flops_per_token / (peak * self.world.size)
@@ -196,7 +202,7 @@ class Trainer:
                     self._progress(train_loss, tok_s, unit, now - start, self.step - first_step)
                 self.window_sum.zero_()
                 self.window_start = self.step
-                t_last, step_last = now, self.step
+                t_last, units_last = now, units
             paused = time.perf_counter()
             if self.step % eval_interval == 0 or last:
                 metrics = self.run_eval(evaluate)
@@ -207,7 +213,7 @@ class Trainer:
             t_last += time.perf_counter() - paused  # a log interval's tokens/s counts training only
         seconds = time.perf_counter() - start
         return FitResult(self.step, train_loss, metrics,
-                         tokens_per_step * (self.step - first_step) / max(seconds, 1e-9), seconds)
+                         (count() - units_first) / max(seconds, 1e-9), seconds)
 
     def _progress(self, loss: float, rate: float, unit: str, elapsed: float, done: int) -> None:
         """One line a person watching the stage reads: step of total, loss, throughput, ETA."""

@@ -16,13 +16,16 @@ GPT_CHAIN = ["tokenize@gpt", "pretrain@gpt", "evaluate-pretrain@gpt", "finetune@
 BERT_CHAIN = ["tokenize@bert", "pretrain@bert", "evaluate-pretrain@bert", "finetune@bert-cls",
               "finetune@bert-tag", "evaluate@bert-cls", "evaluate@bert-tag", "explain@bert-cls",
               "explain@bert-tag"]
+SEQ2SEQ_CHAIN = ["tokenize@seq2seq", "pretrain@seq2seq", "evaluate-pretrain@seq2seq"]
 STAGES = ["source@stdlib", "prepare@stdlib", "tokenizer@bpe", "tokenizer@wordpiece",
-          "tokenize@gpt", "tokenize@bert", "pretrain@gpt", "pretrain@bert",
-          "evaluate-pretrain@gpt", "evaluate-pretrain@bert",
+          "tokenizer@joint", "tokenize@gpt", "tokenize@bert", "tokenize@seq2seq",
+          "pretrain@gpt", "pretrain@bert", "pretrain@seq2seq",
+          "evaluate-pretrain@gpt", "evaluate-pretrain@bert", "evaluate-pretrain@seq2seq",
           "finetune@gpt-cls", "finetune@bert-cls", "finetune@bert-tag",
           "evaluate@gpt-cls", "evaluate@bert-cls", "evaluate@bert-tag",
           "explain@gpt-cls", "explain@bert-cls", "explain@bert-tag"]
-REGISTERED = ["bigmodel-gpt-cls", "bigmodel-bert-cls", "bigmodel-bert-tag", "bigmodel-gpt"]
+REGISTERED = ["bigmodel-gpt-cls", "bigmodel-bert-cls", "bigmodel-bert-tag", "bigmodel-gpt",
+              "bigmodel-seq2seq"]
 
 
 def edit_params(project, change) -> None:  # noqa: ANN001
@@ -68,6 +71,9 @@ def test_tiny_pipeline_runs_every_family_end_to_end_then_reruns_only_what_change
     assert bert_tag["task"] == "token_cls" and "f1" in bert_tag["baselines"]["most_frequent_tag"]
     mlm = shown["reports/metrics/evaluate-pretrain/bert.json"]["data"]
     assert mlm["test"]["masked_accuracy"] > 0 and "unigram" in mlm["baselines"]
+    s2s = shown["reports/metrics/evaluate-pretrain/seq2seq.json"]["data"]
+    assert s2s["task"] == "seq2seq" and s2s["test"]["bleu_signature"].startswith("nrefs:1")
+    assert {"copy_source", "retrieval"} <= set(s2s["baselines"]) and len(s2s["examples"]) == 5
 
     # MLflow: one pipeline run with every stage instance nested under it, each with metrics,
     # and each logging as params exactly the values DVC hashed for it
@@ -106,6 +112,7 @@ def test_tiny_pipeline_runs_every_family_end_to_end_then_reruns_only_what_change
     assert "| bert-cls (finetuned bert `bert`) |" in report
     assert "## Taggers" in report and "| bert-tag (finetuned bert `bert`) |" in report
     assert "test masked-token accuracy" in report and "test bits/byte" in report
+    assert "## Sequence-to-sequence models" in report and "| seq2seq | beam 4 |" in report
     for run in ("gpt-cls", "bert-cls"):
         assert "<html>" in (project / f"reports/explain/{run}/shap.html").read_text()[:200]
         assert (project / f"reports/explain/{run}/attention_1.png").stat().st_size > 1000
@@ -127,6 +134,10 @@ def test_tiny_pipeline_runs_every_family_end_to_end_then_reruns_only_what_change
     (project / "params.yaml").write_text(original)
     edit_params(project, lambda p: p["pretrain"]["gpt"].update(n_embd=48))
     assert would_rerun(project) == set(GPT_CHAIN) - {"tokenize@gpt"}
+    # the seq2seq model's own settings reach its training and evaluation alone
+    (project / "params.yaml").write_text(original)
+    edit_params(project, lambda p: p["pretrain"]["seq2seq"].update(label_smoothing=0.2))
+    assert would_rerun(project) == set(SEQ2SEQ_CHAIN) - {"tokenize@seq2seq"}
     # a new finetune run adds its own three stages and reruns nothing else
     (project / "params.yaml").write_text(original)
     edit_params(project, lambda p: p["finetune"].update(

@@ -106,7 +106,7 @@ def test_char_tokenizer_has_one_token_per_character_and_maps_unseen_ones_to_unk(
     enc = tok.encode(text)
     assert enc.tokens[:-1] == list(text) and enc.ids[-1] == tok.token_to_id(EOT)
     assert tok.decode(enc.ids[:-1]) == text
-    assert tok.get_vocab_size() == len(set("Prince Andrewnaïve\tpeace\n")) + 3  # + eot, pad, unk
+    assert tok.get_vocab_size() == len(set("Prince Andrewnaïve\tpeace\n")) + 4  # + eot, pad, bos, unk
     assert tok.encode("Zq").tokens[:-1] == [UNK, UNK]  # never seen in training
     pd.DataFrame({"text": ["naïve"]}).to_parquet(tmp_path / "v.parquet")
     assert bytes_per_token(tok, tmp_path / "v.parquet") == 6 / 5  # ï: two bytes, one token

@@ -1,0 +1,198 @@
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bigmodel.models.layers import sinusoidal_positions
+from bigmodel.models.seq2seq import Seq2Seq, Seq2SeqConfig
+from bigmodel.objectives.seq2seq import IGNORE, PairSampler, make_batch, seq2seq_loss
+from bigmodel.tasks import seq2seq as task
+from bigmodel.text.shards import Pairs
+from bigmodel.text.tokenizers import Specials
+
+EOS, PAD, BOS = 0, 1, 2
+
+
+def model(vocab: int = 40, seed: int = 0, norm: str = "pre", positions: str = "sinusoidal",
+          block: int = 24) -> Seq2Seq:
+    torch.manual_seed(seed)
+    cfg = Seq2SeqConfig(vocab_size=vocab, block_size=block, n_layer=2, n_decoder_layer=2,
+                        n_head=2, n_embd=16, dropout=0.0, norm=norm, positions=positions,
+                        pad_id=PAD, bos_id=BOS, eos_id=EOS)
+    return Seq2Seq(cfg).eval()
+
+
+def pairs_of(rows: list[tuple[list[int], list[int]]]) -> Pairs:
+    src = [s for s, _ in rows]
+    tgt = [t for _, t in rows]
+    return Pairs(np.concatenate(src).astype(np.uint16), np.cumsum([0, *map(len, src)]),
+                 np.concatenate(tgt).astype(np.uint16), np.cumsum([0, *map(len, tgt)]), n_bytes=0)
+
+
+def test_sinusoidal_positions_follow_the_paper():
+    pe = sinusoidal_positions(50, 8)
+    pos, i = 7, 1  # dimensions 2i and 2i + 1
+    assert pe[pos, 2 * i].item() == pytest.approx(math.sin(pos / 10000 ** (2 * i / 8)), abs=1e-6)
+    assert pe[pos, 2 * i + 1].item() == pytest.approx(math.cos(pos / 10000 ** (2 * i / 8)), abs=1e-6)
+
+
+@pytest.mark.parametrize("norm,positions", [("pre", "sinusoidal"), ("post", "learned")])
+def test_outputs_do_not_depend_on_source_padding_and_the_decoder_is_causal(norm, positions):
+    m = model(norm=norm, positions=positions)
+    src = torch.randint(3, 40, (2, 9))
+    lengths = torch.tensor([9, 5])
+    tgt = torch.randint(3, 40, (2, 6))
+    with torch.no_grad():
+        a = m(src, lengths, tgt)
+        other = src.clone()
+        other[1, 5:] = torch.randint(3, 40, (4,))  # different padding content
+        b = m(other, lengths, tgt)
+        changed = tgt.clone()
+        changed[:, 4] = (changed[:, 4] + 1 - 3) % 37 + 3
+        c = m(src, lengths, changed)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(a[:, :4], c[:, :4], atol=1e-5)  # positions before 4 cannot see it
+    assert not torch.allclose(a[:, 4:], c[:, 4:], atol=1e-4)
+
+
+def test_the_output_projection_is_the_shared_embedding():
+    m = model()
+    assert m.lm_head.weight is m.wte.weight
+    assert sum(p.numel() for p in m.parameters()) == sum(
+        p.numel() for n, p in m.named_parameters() if n != "lm_head.weight")
+
+
+def test_stepping_with_the_cache_gives_the_teacher_forced_logits():
+    m = model()
+    src, lengths = torch.randint(3, 40, (3, 7)), torch.tensor([7, 4, 6])
+    tgt = torch.randint(3, 40, (3, 8))
+    with torch.no_grad():
+        full = m(src, lengths, tgt)
+        state = m.start(src, lengths)
+        steps = torch.stack([m.step(tgt[:, i:i + 1], state) for i in range(8)], dim=1)
+    assert torch.allclose(full, steps, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_output_is_identical_with_and_without_the_cache(seed):
+    m = model(seed=seed)
+    src, lengths = torch.randint(3, 40, (4, 10)), torch.tensor([10, 3, 7, 1])
+    limit = torch.tensor([12, 5, 20, 8])
+    cached = task.greedy(m, src, lengths, limit, cache=True)
+    plain = task.greedy(m, src, lengths, limit, cache=False)
+    assert cached == plain
+    assert all(len(out) <= n for out, n in zip(cached, limit.tolist()))
+    assert all(PAD not in out and BOS not in out and EOS not in out for out in cached)
+
+
+def test_beam_of_one_is_greedy():
+    m = model(seed=3)
+    src, lengths = torch.randint(3, 40, (3, 6)), torch.tensor([6, 6, 2])
+    limit = torch.tensor([10, 10, 10])
+    assert task.beam_search(m, src, lengths, 1, 0.0, limit) == task.greedy(m, src, lengths, limit)
+
+
+def sequence_score(m: Seq2Seq, src: torch.Tensor, body: list[int], ended: bool, alpha: float) -> float:
+    """log P(body [+ EOS] | src) with PAD and BOS ruled out, over the GNMT length penalty."""
+    seq = body + ([EOS] if ended else [])
+    with torch.no_grad():
+        logits = m(src, None, torch.tensor([[BOS] + seq[:-1]]))[0]
+    logits[:, [PAD, BOS]] = float("-inf")
+    logp = F.log_softmax(logits.float(), -1)
+    return logp[torch.arange(len(seq)), torch.tensor(seq)].sum().item() / task.length_penalty(len(seq), alpha)
+
+
+def test_a_wide_beam_finds_the_best_sequence_exhaustive_search_finds():
+    """Vocabulary: EOS, PAD, BOS + 3 tokens; outputs of at most 3 tokens. A beam of 50 keeps
+    every hypothesis, so it must return the best of all 40 possible outputs."""
+    m = model(vocab=6, seed=4)
+    src = torch.tensor([[3, 4, 5, 3]])
+    alpha, limit = 0.6, 3
+    candidates = [(list(body), True) for n in range(limit) for body in itertools.product([3, 4, 5], repeat=n)]
+    candidates += [(list(body), False) for body in itertools.product([3, 4, 5], repeat=limit)]
+    best = max(candidates, key=lambda c: sequence_score(m, src, c[0], c[1], alpha))
+    out = task.beam_search(m, src, torch.tensor([4]), 50, alpha, torch.tensor([limit]))
+    assert out == [best[0]]
+
+
+def test_make_batch_shifts_the_target_and_ignores_padding():
+    pairs = pairs_of([([5, 6, 7, EOS], [8, 9, EOS]), ([5, EOS], [10, 11, 12, 13, EOS])])
+    b = make_batch(pairs, np.array([0, 1]), block_size=16, bos=BOS, pad=PAD)
+    assert b["src"].tolist() == [[5, 6, 7, EOS], [5, EOS, PAD, PAD]]
+    assert b["src_lengths"].tolist() == [4, 2]
+    assert b["tgt_in"].tolist() == [[BOS, 8, 9, PAD, PAD], [BOS, 10, 11, 12, 13]]
+    assert b["tgt_out"].tolist() == [[8, 9, EOS, IGNORE, IGNORE], [10, 11, 12, 13, EOS]]
+
+
+def test_a_target_cut_to_the_block_keeps_its_end_of_sequence():
+    pairs = pairs_of([([5] * 10 + [EOS], list(range(3, 13)) + [EOS])])
+    b = make_batch(pairs, np.array([0]), block_size=4, bos=BOS, pad=PAD)
+    assert b["src"].tolist() == [[5, 5, 5, 5]]
+    assert b["tgt_in"].tolist() == [[BOS, 3, 4, 5]]
+    assert b["tgt_out"].tolist() == [[3, 4, 5, EOS]]
+
+
+def test_the_loss_is_label_smoothed_cross_entropy_over_real_target_tokens():
+    m = model()
+    pairs = pairs_of([([5, 6, EOS], [8, EOS]), ([7, EOS], [9, 10, 11, EOS])])
+    b = make_batch(pairs, np.array([0, 1]), 24, BOS, PAD)
+    with torch.no_grad():
+        logits = m(b["src"], b["src_lengths"], b["tgt_in"])
+        real = b["tgt_out"] != IGNORE
+        logp = F.log_softmax(logits[real], -1)
+        y = b["tgt_out"][real]
+        eps, V = 0.1, logits.size(-1)
+        manual = -((1 - eps) * logp[torch.arange(len(y)), y] + eps / V * logp.sum(-1)).mean()
+        assert seq2seq_loss(m, b, eps).item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+def sampler(pairs: Pairs, seed: int = 0) -> PairSampler:
+    sp = Specials(pad=PAD, eot=EOS, bos=BOS, n_special=3, vocab_size=40)
+    return PairSampler(pairs, 24, 4, seed, torch.device("cpu"), sp)
+
+
+def test_sampler_batches_pairs_of_about_one_length_and_resumes_from_its_generator_state():
+    rng = np.random.default_rng(0)
+    rows = [(list(rng.integers(3, 40, n)) + [EOS], [8, EOS]) for n in rng.integers(1, 20, 64)]
+    pairs = pairs_of(rows)
+    s = sampler(pairs)
+    for _ in range(3):
+        s()
+    state = s.gen.get_state()
+    after = [s() for _ in range(4)]
+    resumed = sampler(pairs, seed=99)
+    resumed.gen.set_state(state)
+    for a, b in zip(after, [resumed() for _ in range(4)]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # a bucket holds 16 of 64 pairs sorted by length: a batch spans a quarter of the lengths
+    spans = [int(b["src_lengths"].max() - b["src_lengths"].min()) for b in after]
+    assert max(spans) <= 10
+    assert s.target_tokens == 7 * 4 * 2  # every target is 2 tokens (8, EOS)
+
+
+def test_the_sampler_refuses_a_tokenizer_without_bos():
+    pairs = pairs_of([([5, EOS], [6, EOS])])
+    sp = Specials(pad=PAD, eot=EOS, n_special=2, vocab_size=40)
+    with pytest.raises(Exception, match="bos"):
+        PairSampler(pairs, 24, 4, 0, torch.device("cpu"), sp)
+
+
+def test_max_lengths_are_relative_to_the_source_and_capped_by_the_block():
+    assert task.max_lengths(torch.tensor([1, 10, 100]), 1.2, 10, 64).tolist() == [11, 22, 64]
+
+
+def test_translator_keeps_to_max_new_tokens_and_refuses_bad_params(tiny_seq2seq_dir):
+    t = task.Translator(tiny_seq2seq_dir)
+    src, lengths = task.encode_sources(t.tok, ["def f(x): return x"], 32, t.model.cfg.pad_id)
+    for k in (1, 3):
+        ids = task.beam_search(t.model, src, lengths, k, 0.6, torch.tensor([2]))[0]
+        assert len(ids) <= 2
+    assert t.predict(["def f(x): return x"], {"beam_size": 1, "max_new_tokens": 2})["output"][0] \
+        == t.translate(["def f(x): return x"], 1, 2)[0]
+    with pytest.raises(Exception, match="must be >= 0"):
+        t.predict(["x"], {"beam_size": -1})
+    with pytest.raises(Exception, match="string"):
+        t.translate([3])  # type: ignore[list-item]
