@@ -58,9 +58,14 @@ class FilesSource(Section):
     # A fixed split: one glob per split (`{train: a/*.csv, val: b.csv, test: c.csv}`), kept as
     # given instead of `glob`.
     splits: dict[Literal["train", "val", "test"], str] = {}
-    format: Literal["auto", "conll"] = "auto"  # conll: a token a line, tag in the last column
+    # conll: a token a line, tag in the last column; aligned: line i of each matched (source)
+    # file pairs with line i of the file named like it with `target_suffix` (train.en / train.de)
+    format: Literal["auto", "conll", "aligned"] = "auto"
     text_column: str = "text"
     label_column: str = ""  # empty: no sequence-classification set
+    source_column: str = ""  # with target_column: each row is a (source, target) pair (seq2seq)
+    target_column: str = ""
+    target_suffix: str = ""  # format aligned: the target file's suffix (de for train.en → train.de)
     group_column: str = ""  # rows sharing a group stay in one split; empty: split by text
     split_column: str = ""  # a column naming each row's split (train, val / dev, test)
 
@@ -73,6 +78,10 @@ class HFSource(Section):
     text_column: str = "text"
     label_column: str = ""
     group_column: str = ""
+    # (source, target) pairs: two columns, or two keys of a dict column (a translation
+    # dataset's `translation.en` / `translation.de`)
+    source_column: str = ""
+    target_column: str = ""
 
 
 class DataRun(Section):
@@ -112,6 +121,13 @@ class DataRun(Section):
         if self.files.glob and self.files.splits:
             raise ValueError("files.glob and files.splits exclude each other (splits: one glob "
                              "per split, kept as given)")
+        for where, src in (("files", self.files), ("hf", self.hf)):
+            if bool(src.source_column) != bool(src.target_column):
+                raise ValueError(f"{where}.source_column and {where}.target_column go together "
+                                 f"(a pair)")
+        if (self.files.format == "aligned") != bool(self.files.target_suffix):
+            raise ValueError("files.format 'aligned' and files.target_suffix go together "
+                             "(train.en pairs with train.<target_suffix>)")
         if self.files.splits and set(self.files.splits) != set(SPLIT_NAMES):
             raise ValueError(f"files.splits needs a glob for each of train, val, test "
                              f"(got {', '.join(sorted(self.files.splits))})")
@@ -124,9 +140,14 @@ class DataRun(Section):
         if self.source == "builtin":
             return {"seq_cls", "token_cls", "seq2seq"}
         if self.source == "files":
-            return {"token_cls"} if self.files.format == "conll" else (
-                {"seq_cls"} if self.files.label_column else set())
-        return {"seq_cls"} if self.hf.label_column else set()
+            if self.files.format == "conll":
+                return {"token_cls"}
+            if self.files.format == "aligned":
+                return {"seq2seq"}
+            return ({"seq_cls"} if self.files.label_column else set()) | (
+                {"seq2seq"} if self.files.source_column else set())
+        return ({"seq_cls"} if self.hf.label_column else set()) | (
+            {"seq2seq"} if self.hf.source_column else set())
 
 
 # --- tokenizer runs -------------------------------------------------------------------------

@@ -143,6 +143,8 @@ def load_files(spec: FilesSource, root: Path, key: str = "files") -> Corpus:
     desc: dict[str, object] = {"source": "files", "files": n_files}
     if spec.format == "conll":
         return _conll_corpus(groups, desc)
+    if spec.format == "aligned":
+        return _aligned_corpus(groups, spec.target_suffix, desc)
     frames = []
     for split, paths in groups:
         for p in paths:
@@ -154,7 +156,58 @@ def load_files(spec: FilesSource, root: Path, key: str = "files") -> Corpus:
     if "split" in table.columns and table["split"].isna().any():
         raise BigModelError(f"{key}.split_column: only some files have it; every file needs it "
                             f"(or none)")
+    if spec.source_column:
+        return _pairs_corpus(table, desc)
     return _from_table(table, spec.label_column, desc)
+
+
+def _pairs_corpus(table: pd.DataFrame, desc: dict[str, object]) -> Corpus:
+    """A table of (source, target) rows; without a group column each pair is its own group."""
+    pairs = table.assign(group=table["group"].fillna(table["source"] + "\t" + table["target"]))
+    desc["rows"] = len(pairs)
+    return Corpus(documents=_pair_documents(pairs), labelled=None, pairs=pairs, description=desc)
+
+
+def _aligned_corpus(groups: list[tuple[str | None, list[Path]]], target_suffix: str,
+                    desc: dict[str, object]) -> Corpus:
+    """Line-aligned parallel files: line i of `x.src` and line i of `x.<target_suffix>` are
+    one pair; empty lines on either side are kept in place (the filters drop them)."""
+    rows = []
+    for split, paths in groups:
+        for p in paths:
+            target = p.with_suffix(f".{target_suffix}")
+            if target == p:
+                raise BigModelError(f"{p}: files.target_suffix {target_suffix!r} is this file's own "
+                                    f"suffix; the glob must match the source side only")
+            if not target.is_file():
+                raise BigModelError(f"{p}: no target file {target.name} beside it "
+                                    f"(files.target_suffix {target_suffix!r})")
+            src, tgt = _lines(p), _lines(target)
+            if len(src) != len(tgt):
+                raise BigModelError(f"{p} has {len(src)} lines but {target.name} has {len(tgt)}: "
+                                    f"aligned files need one target line per source line")
+            rows += [{"source": a, "target": b, "group": f"{p.name}:{i}", "split": split}
+                     for i, (a, b) in enumerate(zip(src, tgt))]
+    pairs = pd.DataFrame(rows, columns=["source", "target", "group", "split"])
+    if groups[0][0] is None:
+        pairs = pairs.drop(columns="split")
+    desc["rows"] = len(pairs)
+    return Corpus(documents=_pair_documents(pairs), labelled=None, pairs=pairs, description=desc)
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise BigModelError(f"{path}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+
+
+def _pair_documents(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Both sides of every pair, each a pretraining document (in the pair's group and split)."""
+    keep = [c for c in ("group", "split") if c in pairs]
+    return pd.concat([pairs[["source", *keep]].rename(columns={"source": "text"}),
+                      pairs[["target", *keep]].rename(columns={"target": "text"})],
+                     ignore_index=True)
 
 
 def _conll_corpus(groups: list[tuple[str | None, list[Path]]], desc: dict[str, object]) -> Corpus:
@@ -194,15 +247,37 @@ def load_hf(spec: HFSource, key: str = "hf") -> Corpus:
     except (FileNotFoundError, ValueError, ConnectionError) as e:
         raise BigModelError(f"{key}: cannot load {spec.name!r}: {e}".splitlines()[0]) from None
     table = ds.to_pandas()
+    desc = {"source": "hf", "name": spec.name, "config": spec.config, "revision": spec.revision,
+            "split": spec.split, "fingerprint": getattr(ds, "_fingerprint", "")}
+    if spec.source_column:
+        pairs = pd.DataFrame({"source": _hf_column(table, spec.source_column, spec.name, key),
+                              "target": _hf_column(table, spec.target_column, spec.name, key)})
+        pairs["group"] = (_hf_column(table, spec.group_column, spec.name, key)
+                          if spec.group_column else None)
+        return _pairs_corpus(pairs, desc)
     missing = [c for c in (spec.text_column, spec.label_column, spec.group_column)
                if c and c not in table.columns]
     if missing:
         raise BigModelError(f"{key}: column {missing[0]!r} not in {spec.name} "
                             f"(columns: {', '.join(map(str, table.columns))})")
     table = _standardise(table, spec.text_column, spec.label_column, spec.group_column)
-    desc = {"source": "hf", "name": spec.name, "config": spec.config, "revision": spec.revision,
-            "split": spec.split, "fingerprint": getattr(ds, "_fingerprint", "")}
     return _from_table(table, spec.label_column, desc)
+
+
+def _hf_column(table: pd.DataFrame, name: str, dataset: str, key: str) -> pd.Series:
+    """A column as strings; `a.b` is key b of dict column a (`translation.en`)."""
+    if name in table.columns:
+        return table[name].astype(str)
+    base, _, field_ = name.partition(".")
+    if field_ and base in table.columns:
+        values = table[base]
+        if not all(isinstance(v, dict) and field_ in v for v in values):
+            have = sorted(values.iloc[0]) if len(values) and isinstance(values.iloc[0], dict) else []
+            raise BigModelError(f"{key}: column {base!r} of {dataset} has no key {field_!r} in "
+                                f"every row (keys: {', '.join(have) or 'none'})")
+        return values.map(lambda v: str(v[field_]))
+    raise BigModelError(f"{key}: column {name!r} not in {dataset} "
+                        f"(columns: {', '.join(map(str, table.columns))})")
 
 
 def _read_file(path: Path, spec: FilesSource, key: str = "files") -> pd.DataFrame:
@@ -224,12 +299,19 @@ def _read_file(path: Path, spec: FilesSource, key: str = "files") -> pd.DataFram
             raise BigModelError(f"{path}: unsupported file type {suffix!r} (txt, csv, tsv, jsonl)")
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise BigModelError(f"{path}: cannot parse: {str(e).splitlines()[0]}") from None
-    for field_, col in (("text_column", spec.text_column), ("label_column", spec.label_column),
-                        ("group_column", spec.group_column), ("split_column", spec.split_column)):
+    text_column = "" if spec.source_column else spec.text_column  # a pairs table needs no text
+    for field_, col in (("text_column", text_column), ("label_column", spec.label_column),
+                        ("group_column", spec.group_column), ("split_column", spec.split_column),
+                        ("source_column", spec.source_column), ("target_column", spec.target_column)):
         if col and col not in table.columns:
             raise BigModelError(f"{path}: {key}.{field_} {col!r} is not a column "
                                 f"(columns: {', '.join(map(str, table.columns))})")
-    out = _standardise(table, spec.text_column, spec.label_column, spec.group_column)
+    if spec.source_column:
+        out = pd.DataFrame({"source": table[spec.source_column].astype(str),
+                            "target": table[spec.target_column].astype(str)})
+        out["group"] = table[spec.group_column].astype(str) if spec.group_column else None
+    else:
+        out = _standardise(table, spec.text_column, spec.label_column, spec.group_column)
     if spec.split_column:
         named = table[spec.split_column].astype(str).str.strip().str.lower()
         bad = sorted(set(named) - set(SPLIT_ALIASES))

@@ -50,10 +50,15 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, causal: bool = True):
+    """`dropout` drops the output; `attn_dropout` (default: the same) the attention weights,
+    which on the CPU also means the unfused attention kernel (the fused one has no dropout)."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, causal: bool = True,
+                 attn_dropout: float | None = None):
         super().__init__()
         assert n_embd % n_head == 0
-        self.n_head, self.causal, self.dropout = n_head, causal, dropout
+        self.n_head, self.causal = n_head, causal
+        self.dropout = dropout if attn_dropout is None else attn_dropout
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
         self.proj = nn.Linear(n_embd, n_embd, bias=False)
         self.resid_drop = nn.Dropout(dropout)
@@ -110,10 +115,12 @@ class CrossAttention(nn.Module):
     keys masked: the attention of "Attention Is All You Need"'s decoder that reads the source.
     `memory_kv(memory)` projects the keys and values once; decoding steps pass them back in."""
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0):
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0,
+                 attn_dropout: float | None = None):
         super().__init__()
         assert n_embd % n_head == 0
-        self.n_head, self.dropout = n_head, dropout
+        self.n_head = n_head
+        self.dropout = dropout if attn_dropout is None else attn_dropout
         self.q = nn.Linear(n_embd, n_embd, bias=False)
         self.kv = nn.Linear(n_embd, 2 * n_embd, bias=False)
         self.proj = nn.Linear(n_embd, n_embd, bias=False)
@@ -170,13 +177,13 @@ class Block(nn.Module):
     """
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, causal: bool = True,
-                 norm: str = "pre"):
+                 norm: str = "pre", attn_dropout: float | None = None):
         super().__init__()
         if norm not in ("pre", "post"):
             raise ValueError(f"norm must be 'pre' or 'post', not {norm!r}")
         self.norm = norm
         self.ln_1 = nn.LayerNorm(n_embd, bias=False)
-        self.attn = SelfAttention(n_embd, n_head, dropout, causal)
+        self.attn = SelfAttention(n_embd, n_head, dropout, causal, attn_dropout)
         self.ln_2 = nn.LayerNorm(n_embd, bias=False)
         self.mlp = MLP(n_embd, dropout)
 
@@ -193,15 +200,16 @@ class DecoderBlock(nn.Module):
     """The encoder-decoder Transformer's decoder block: causal self-attention, attention over
     the encoder output, MLP; pre-norm by default, norm="post" is the 2017 paper's layout."""
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, norm: str = "pre"):
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, norm: str = "pre",
+                 attn_dropout: float | None = None):
         super().__init__()
         if norm not in ("pre", "post"):
             raise ValueError(f"norm must be 'pre' or 'post', not {norm!r}")
         self.norm = norm
         self.ln_1 = nn.LayerNorm(n_embd, bias=False)
-        self.attn = SelfAttention(n_embd, n_head, dropout, causal=True)
+        self.attn = SelfAttention(n_embd, n_head, dropout, causal=True, attn_dropout=attn_dropout)
         self.ln_2 = nn.LayerNorm(n_embd, bias=False)
-        self.cross = CrossAttention(n_embd, n_head, dropout)
+        self.cross = CrossAttention(n_embd, n_head, dropout, attn_dropout)
         self.ln_3 = nn.LayerNorm(n_embd, bias=False)
         self.mlp = MLP(n_embd, dropout)
 

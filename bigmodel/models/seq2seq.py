@@ -74,12 +74,14 @@ class Seq2Seq(nn.Module):
         else:
             self.register_buffer("pe", sinusoidal_positions(cfg.block_size, C), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
+        # Dropout where the paper puts it (section 5.4): on each sublayer's output and on the
+        # embedded input; not on the attention weights (which keeps the fused CPU kernel).
         self.blocks = nn.ModuleList(  # the encoder
-            Block(C, cfg.n_head, cfg.dropout, causal=False, norm=cfg.norm)
+            Block(C, cfg.n_head, cfg.dropout, causal=False, norm=cfg.norm, attn_dropout=0.0)
             for _ in range(cfg.n_layer)
         )
         self.decoder = nn.ModuleList(
-            DecoderBlock(C, cfg.n_head, cfg.dropout, norm=cfg.norm)
+            DecoderBlock(C, cfg.n_head, cfg.dropout, norm=cfg.norm, attn_dropout=0.0)
             for _ in range(cfg.n_decoder_layer)
         )
         # Post-norm blocks end normalised; pre-norm leaves each residual stream raw.
@@ -125,20 +127,26 @@ class Seq2Seq(nn.Module):
         return self.encode(idx, lengths)[0]
 
     def _decode(self, tgt: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]],
-                memory_mask: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+                memory_mask: torch.Tensor, caches: list[KVCache] | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         x = self._embed(tgt, caches[0].length if caches else 0)  # (B, T, C)
         for i, block in enumerate(self.decoder):
             x = block(x, kv[i], memory_mask, caches[i] if caches else None)
-        return self.lm_head(self.ln_dec(x))  # (B, T, vocab)
+        x = self.ln_dec(x)
+        if positions is not None:
+            x = x[positions]  # (N, C): only the positions asked for meet the vocabulary
+        return self.lm_head(x)  # (B, T, vocab) or (N, vocab)
 
     def forward(self, src: torch.Tensor, src_lengths: torch.Tensor | None,
-                tgt_in: torch.Tensor) -> torch.Tensor:
+                tgt_in: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher forcing: logits (B, T, vocab) for every target position at once, from the
-        source (B, S) and the target shifted right (B, T), BOS first. Right padding in tgt_in
-        needs no mask: causal attention never looks right."""
+        source (B, S) and the target shifted right (B, T), BOS first; with `positions` (B, T)
+        bool, logits (N, vocab) of those N positions only (training skips the padding's
+        projection onto the vocabulary). Right padding in tgt_in needs no mask: causal
+        attention never looks right."""
         memory, mask = self.encode(src, src_lengths)
         kv = [block.cross.memory_kv(memory) for block in self.decoder]
-        return self._decode(tgt_in, kv, mask)
+        return self._decode(tgt_in, kv, mask, positions=positions)
 
     def start(self, src: torch.Tensor, src_lengths: torch.Tensor | None = None) -> State:
         """Encode once and project every decoder block's cross-attention keys and values."""

@@ -29,7 +29,9 @@ BUCKET_BATCHES = 4  # a length bucket holds this many batches' worth of pairs
 class PairSampler:
     """Batches of pairs of about one length, drawn with replacement.
 
-    The pairs are sorted by source length (then target length) and cut into buckets of
+    The pairs are sorted by source length + 2 × target length (a decoder token costs about
+    twice an encoder token: self-attention, cross-attention and the vocabulary) and cut into
+    buckets of
     `BUCKET_BATCHES × batch_size`; each call picks a bucket (in proportion to its size) and
     `batch_size` pairs in it, all from `gen`. A batch then pads little, and the generator state
     is the whole data position, so a resumed run draws the batches it would have drawn. As
@@ -49,7 +51,8 @@ class PairSampler:
         share = world.share(batch_size, key)
         self.rows = slice(world.rank * share, (world.rank + 1) * share)
         self.gen = torch.Generator().manual_seed(seed)
-        order = np.lexsort((pairs.tgt_lengths, pairs.src_lengths))
+        cost = np.minimum(pairs.src_lengths, block_size) + 2 * np.minimum(pairs.tgt_lengths, block_size)
+        order = np.lexsort((pairs.tgt_lengths, cost))
         size = BUCKET_BATCHES * batch_size
         self.buckets = [order[i:i + size] for i in range(0, len(order), size)]
         self.cum = np.cumsum([len(b) for b in self.buckets])
@@ -93,10 +96,9 @@ def seq2seq_loss(model: nn.Module, batch: dict[str, torch.Tensor], smoothing: fl
                  ) -> torch.Tensor:
     """Mean cross-entropy per real target token, against (1 - ε) on the target and ε spread
     over the vocabulary (Szegedy et al.'s label smoothing; ε = `smoothing`)."""
-    logits = model(batch["src"], batch["src_lengths"], batch["tgt_in"])  # (B, T, vocab)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
-                           batch["tgt_out"].reshape(-1), ignore_index=IGNORE,
-                           label_smoothing=smoothing)
+    real = batch["tgt_out"] != IGNORE  # (B, T)
+    logits = model(batch["src"], batch["src_lengths"], batch["tgt_in"], real)  # (N, vocab)
+    return F.cross_entropy(logits.float(), batch["tgt_out"][real], label_smoothing=smoothing)
 
 
 @torch.no_grad()
@@ -107,10 +109,10 @@ def seq2seq_metrics(model: nn.Module, batches: list[dict[str, torch.Tensor]]) ->
     model.eval()
     loss = correct = n = 0.0
     for batch in batches:
-        logits = model(batch["src"], batch["src_lengths"], batch["tgt_in"]).float()
         real = batch["tgt_out"] != IGNORE
-        loss += F.cross_entropy(logits[real], batch["tgt_out"][real], reduction="sum").item()
-        correct += (logits[real].argmax(-1) == batch["tgt_out"][real]).sum().item()
+        logits = model(batch["src"], batch["src_lengths"], batch["tgt_in"], real).float()
+        loss += F.cross_entropy(logits, batch["tgt_out"][real], reduction="sum").item()
+        correct += (logits.argmax(-1) == batch["tgt_out"][real]).sum().item()
         n += real.sum().item()
     model.train(was_training)
     return {"loss": loss / n, "token_accuracy": correct / n}

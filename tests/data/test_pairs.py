@@ -1,10 +1,17 @@
 """The built-in seq2seq task (a function's code → its docstring's summary) and how prepare
 filters and splits (source, target) pairs."""
 
+import json
+import shutil
+from pathlib import Path
+
+import datasets
 import pandas as pd
+import pytest
 
 from bigmodel import config
 from bigmodel.data.code2doc import stdlib_pairs, summary
+from bigmodel.errors import BigModelError
 from bigmodel.stages import prepare
 
 MODULE = '''
@@ -86,3 +93,83 @@ def test_ratio_filter_off_keeps_lopsided_pairs():
                           "group": ["g"]})
     out, dropped = prepare.clean_pairs(table, config.DataRun())
     assert len(out) == 1 and "pairs_dropped_ratio" not in dropped
+
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "parallel"
+
+
+def pairs_params(tmp_path: Path, data: dict) -> config.Params:
+    """Params whose data run `par` is the given source, with a seq2seq model on it."""
+    raw = {"data": {"par": {"min_chars": 5, **data}},
+           "tokenizer": {"joint": {"kind": "bpe", "data": "par", "text": "seq2seq"}},
+           "pretrain": {"s2s": {"family": "seq2seq", "corpus": "par", "tokenizer": "joint"}},
+           "finetune": {}}
+    params = config.validate(raw)
+    params._root = tmp_path
+    return params
+
+
+def fixture_pairs(split: str) -> list[tuple[str, str]]:
+    en = (FIXTURE / f"{split}.en").read_text().splitlines()
+    de = (FIXTURE / f"{split}.de").read_text().splitlines()
+    return list(zip(en, de))
+
+
+def written(params: config.Params, split: str) -> list[tuple[str, str]]:
+    table = pd.read_parquet(params.path("data", "par") / "prepared" / f"seq2seq_{split}.parquet")
+    return list(zip(table["source"], table["target"]))
+
+
+def keeps_the_fixed_split(params: config.Params) -> None:
+    prepare.run(params, "par")
+    for split, given in (("train", "train"), ("val", "dev"), ("test", "test")):
+        assert sorted(written(params, split)) == sorted(fixture_pairs(given)), split
+    manifest = json.loads((params.path("data", "par") / "prepared" / "manifest.json").read_text())
+    assert manifest["files"]["seq2seq_val.parquet"]["rows"] == 5
+    assert manifest["pair_filters"]["pairs_in"] == 30
+
+
+def test_line_aligned_files_with_one_glob_per_split(tmp_path):
+    shutil.copytree(FIXTURE, tmp_path / "par")
+    params = pairs_params(tmp_path, {"source": "files", "files": {
+        "format": "aligned", "target_suffix": "de",
+        "splits": {"train": "par/train.en", "val": "par/dev.en", "test": "par/test.en"}}})
+    keeps_the_fixed_split(params)
+
+
+def test_a_table_of_pairs_with_a_split_column(tmp_path):
+    shutil.copy(FIXTURE / "pairs.tsv", tmp_path / "pairs.tsv")
+    params = pairs_params(tmp_path, {"source": "files", "files": {
+        "glob": "pairs.tsv", "source_column": "en", "target_column": "de", "split_column": "split"}})
+    keeps_the_fixed_split(params)
+
+
+def test_a_local_hf_translation_dataset(tmp_path):
+    rows = [{"translation": {"en": en, "de": de}} for split in ("train", "dev", "test")
+            for en, de in fixture_pairs(split)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "wmt-mini"))
+    params = pairs_params(tmp_path, {"source": "hf", "hf": {
+        "name": str(tmp_path / "wmt-mini"), "source_column": "translation.en",
+        "target_column": "translation.de"}, "val_fraction": 0.2, "test_fraction": 0.2})
+    prepare.run(params, "par")
+    got = sorted(p for s in ("train", "val", "test") for p in written(params, s))
+    assert got == sorted(fixture_pairs("train") + fixture_pairs("dev") + fixture_pairs("test"))
+    assert all(len(written(params, s)) > 0 for s in ("val", "test"))
+    with pytest.raises(BigModelError, match="has no key 'fr' in every row"):
+        prepare.load(pairs_params(tmp_path, {"source": "hf", "hf": {
+            "name": str(tmp_path / "wmt-mini"), "source_column": "translation.en",
+            "target_column": "translation.fr"}}), "par")
+
+
+def test_aligned_files_that_do_not_align_are_one_line_naming_both(tmp_path):
+    (tmp_path / "a.en").write_text("one\ntwo\nthree\n")
+    (tmp_path / "a.de").write_text("eins\nzwei\n")
+    params = pairs_params(tmp_path, {"source": "files", "files": {
+        "glob": "*.en", "format": "aligned", "target_suffix": "de"}})
+    with pytest.raises(BigModelError, match=r"a.en has 3 lines but a.de has 2"):
+        prepare.load(params, "par")
+    (tmp_path / "a.de").unlink()
+    with pytest.raises(BigModelError, match=r"a.en: no target file a.de beside it"):
+        prepare.load(params, "par")
+    with pytest.raises(BigModelError, match="source_column and files.target_column go together"):
+        pairs_params(tmp_path, {"source": "files", "files": {"glob": "x.tsv", "source_column": "en"}})

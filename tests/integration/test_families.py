@@ -73,3 +73,46 @@ def test_a_bert_pretrained_on_one_dataset_is_finetuned_as_a_tagger_on_conll_file
     bigmodel(tmp_path, "explain", "--name", "enc-ner")
     out = tmp_path / "reports/explain/enc-ner"
     assert (out / "attention_0.png").stat().st_size > 1000 and "<table>" in (out / "tags.html").read_text()
+
+
+PARALLEL = Path(__file__).resolve().parents[1] / "fixtures" / "parallel"
+
+
+@pytest.mark.slow
+def test_a_seq2seq_model_learns_a_small_parallel_text_and_is_scored_by_sacrebleu(tmp_path):
+    """The hand-written English → German fixture (20 training pairs), line-aligned files with
+    their own split: the model overfits the training pairs; the test split is scored beside
+    the baselines; the command line translates with the run's decoding settings."""
+    params = {
+        "data": {"en-de": {"source": "files", "min_chars": 5, "files": {
+            "format": "aligned", "target_suffix": "de",
+            "splits": {"train": str(PARALLEL / "train.en"), "val": str(PARALLEL / "dev.en"),
+                       "test": str(PARALLEL / "test.en")}}}},
+        "tokenizer": {"joint": {"kind": "bpe", "data": "en-de", "text": "seq2seq",
+                                "vocab_size": 400, "min_frequency": 1}},
+        "pretrain": {"mt": {"family": "seq2seq", "objective": "seq2seq", "corpus": "en-de",
+                            "tokenizer": "joint", **TINY_PRETRAIN, "n_decoder_layer": 1,
+                            "n_embd": 64, "dropout": 0.0, "label_smoothing": 0.0,
+                            "max_steps": 250, "batch_size": 20, "lr": 0.01, "min_lr": 0.001,
+                            "beam_size": 3, "eval_interval": 125, "checkpoint_interval": 250}},
+        "finetune": {},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for stage, name in [("source", "en-de"), ("prepare", "en-de"), ("tokenizer", "joint"),
+                        ("tokenize", "mt"), ("pretrain", "mt")]:
+        bigmodel(tmp_path, stage, "--name", name)
+    done = bigmodel(tmp_path, "evaluate-pretrain", "--name", "mt").stdout
+    assert "test BLEU" in done and "retrieval" in done
+    metrics = json.loads((tmp_path / "reports/metrics/evaluate-pretrain/mt.json").read_text())
+    assert metrics["test_pairs"] == 5 and metrics["test"]["beam_size"] == 3
+    assert metrics["test"]["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    assert [e["reference"] for e in metrics["examples"]] == \
+        (PARALLEL / "test.de").read_text().splitlines()
+    pretrained = json.loads((tmp_path / "reports/metrics/pretrain/mt.json").read_text())
+    assert pretrained["train_loss"] < 0.5 and pretrained["target_tokens_per_s"] > 0
+
+    # a training source comes back as its (memorised) target
+    train_en = (PARALLEL / "train.en").read_text().splitlines()
+    train_de = (PARALLEL / "train.de").read_text().splitlines()
+    out = bigmodel(tmp_path, "translate", "--name", "mt", "--source", train_en[0]).stdout
+    assert out.strip() == train_de[0]
