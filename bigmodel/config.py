@@ -102,6 +102,9 @@ class DataRun(Section):
     max_per_class: int = Field(700, ge=0)  # cap of labelled *training* examples per class (0: none)
     max_tagged: int = Field(6000, ge=0)  # cap of tagged *training* sentences (0: none)
     tag_max_words: int = Field(48, ge=4)  # longer tagged sentences are dropped
+    # the built-in pairs: bytecode (a function → its CPython bytecode) | docstring (a function
+    # → its docstring's summary line)
+    builtin_pairs: Literal["bytecode", "docstring"] = "bytecode"
     pair_min_chars: int = Field(1, ge=1)  # (source, target) pairs: each side at least this long
     pair_max_chars: int = Field(1_000, ge=1)  # and at most this long, else the pair is dropped
     pair_max_ratio: float = Field(0.0, ge=0)  # longer side / shorter side in characters (0: off)
@@ -232,6 +235,9 @@ class BERTPretrain(PretrainBase):
     max_steps: int = Field(500, ge=1)
     lr: float = Field(2e-3, gt=0, le=1)
     min_lr: float = Field(2e-4, ge=0, le=1)
+    # post-norm at 2e-3 after 50 warm-up steps can stay stuck on the unigram plateau for the
+    # whole run (measured: benchmarks/RESULTS.md); 150 steps got out of it
+    warmup_steps: int = Field(150, ge=0)
     beta2: float = Field(0.98, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
     batch_size: int = Field(32, ge=1)
@@ -260,13 +266,14 @@ class Seq2SeqPretrain(PretrainBase):
     dropout: float = Field(0.1, ge=0, lt=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     batch_size: int = Field(32, ge=1)  # pairs
-    max_steps: int = Field(1000, ge=1)
-    lr: float = Field(2e-3, gt=0, le=1)
-    min_lr: float = Field(2e-4, ge=0, le=1)
+    max_steps: int = Field(500, ge=1)
+    lr: float = Field(3e-3, gt=0, le=1)
+    min_lr: float = Field(3e-4, ge=0, le=1)
     beta2: float = Field(0.98, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
     beam_size: int = Field(4, ge=1)  # 1: greedy
     length_penalty: float = Field(0.6, ge=0)  # GNMT's alpha: ((5 + length) / 6) ** alpha
+    coverage_penalty: float = Field(0.2, ge=0)  # GNMT's beta: outputs that ignore source tokens lose
     max_len_a: float = Field(1.2, ge=0)  # the longest output: a × source tokens + b
     max_len_b: int = Field(10, ge=1)
 

@@ -85,11 +85,11 @@ def _gate(params: Params, stage_dir: Path, metric: str, score: Callable[[Path], 
     if champion == challenger:
         return Decision(name, metric, challenger, champion, champion, None, None, False,
                         f"v{challenger} is already the {alias}; kept")
-    new_score = score(stage_dir)
-    old_score = None
-    if champion is None:
-        moved, reason = True, f"no {alias} yet: v{challenger} ({metric} {new_score:.4f}) promoted"
+    new_score = old_score = None
+    if champion is None:  # nothing to compare with: no need to score (the evaluate stage did)
+        moved, reason = True, f"no {alias} yet: v{challenger} promoted"
     else:
+        new_score = score(stage_dir)
         with tempfile.TemporaryDirectory() as d:
             folder = tracking.download_model(params, f"models:/{name}@{alias}", Path(d))
             old_score = score(folder)

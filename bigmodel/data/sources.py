@@ -18,6 +18,7 @@ import pandas as pd
 
 from bigmodel.config import FilesSource, HFSource
 from bigmodel.data import conll
+from bigmodel.data.bytecode import stdlib_bytecode_pairs
 from bigmodel.data.code2doc import stdlib_pairs
 from bigmodel.data.tagging import stdlib_tagging_examples
 from bigmodel.errors import BigModelError
@@ -102,11 +103,12 @@ def split_files(spec: FilesSource, root: Path, key: str = "files"
     return out
 
 
-def load_builtin(max_words: int = 48) -> Corpus:
+def load_builtin(max_words: int = 48, pairs: str = "bytecode") -> Corpus:
     """The standard library of this Python: source files (documents); their docstrings,
     labelled with the package family of the module they come from (seq_cls); lines of code
     whose names are tagged by what they denote (token_cls, bigmodel/data/tagging.py); and
-    functions paired with their docstring's summary line (seq2seq, bigmodel/data/code2doc.py)."""
+    functions paired with their bytecode (seq2seq, bigmodel/data/bytecode.py) or with their
+    docstring's summary line (`pairs="docstring"`, bigmodel/data/code2doc.py)."""
     root, files = builtin_files()
     docs, examples = [], []
     for path in files:
@@ -129,7 +131,7 @@ def load_builtin(max_words: int = 48) -> Corpus:
         documents=pd.DataFrame(docs, columns=["text", "group"]),
         labelled=pd.DataFrame(examples, columns=["text", "label", "group"]),
         tagged=stdlib_tagging_examples(root, files, max_words=max_words),
-        pairs=stdlib_pairs(root, files),
+        pairs=(stdlib_bytecode_pairs if pairs == "bytecode" else stdlib_pairs)(root, files),
         description={"source": "builtin", "stdlib": str(root), "files": len(docs)},
     )
 

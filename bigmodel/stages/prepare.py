@@ -75,7 +75,7 @@ def run(params: Params, name: str) -> str:
 def load(params: Params, name: str) -> sources.Corpus:
     cfg = params.data[name]
     if cfg.source == "builtin":
-        return sources.load_builtin(cfg.tag_max_words)
+        return sources.load_builtin(cfg.tag_max_words, cfg.builtin_pairs)
     if cfg.source == "files":
         return sources.load_files(cfg.files, params.root, f"data.{name}.files")
     return sources.load_hf(cfg.hf, f"data.{name}.hf")

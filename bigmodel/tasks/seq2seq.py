@@ -4,9 +4,10 @@ Decoding encodes each source once and feeds the decoder one token a step with a 
 (`greedy`, `beam_search`; `greedy(..., cache=False)` recomputes the whole prefix each step, the
 reference the cache is tested against). Beam search is batched over sources × beams, scores a
 finished hypothesis by its log-probability over GNMT's length penalty ((5 + |Y|) / 6)^α (Wu et
-al., 2016; |Y| counts the EOS, or the last token of an output cut at the limit), and stops a
-source once it has `beam_size` finished hypotheses or reaches its longest allowed output,
-a × source tokens + b. Neither decoder ever emits PAD or BOS.
+al., 2016; |Y| counts the EOS, or the last token of an output cut at the limit), keeps the
+`beam_size` best finished ones, and stops a source once no live hypothesis can beat the worst of
+them (its log-probability can only fall; its penalty is at most that of the longest allowed
+output, a × source tokens + b), or at that length. Neither decoder ever emits PAD or BOS.
 
 Evaluation scores the test split with sacreBLEU (BLEU and chrF, with their signatures) beside
 two baselines on the same split: the source copied as the output, and the target of the
@@ -88,55 +89,88 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5 + length) / 6) ** alpha
 
 
+def coverage_penalty(coverage: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """GNMT's coverage penalty (Wu et al., 2016): β Σ_i log(min(Σ_j p_ij, 1)) over the real
+    source tokens i, p_ij the attention target token j paid to source token i; 0 when every
+    source token got a full unit of attention, very negative for an output that ignored most
+    of its source."""
+    if beta == 0:
+        return torch.zeros(coverage.size(0), device=coverage.device)
+    covered = coverage.clamp(min=1e-6, max=1.0).log()
+    return beta * torch.where(mask, covered, torch.zeros_like(covered)).sum(-1)
+
+
 @torch.no_grad()
 def beam_search(model: Seq2Seq, src: torch.Tensor, src_lengths: torch.Tensor, beam_size: int,
-                alpha: float, max_len: torch.Tensor) -> list[list[int]]:
-    """The best of `beam_size` hypotheses per source by log-probability / length penalty;
-    outputs without BOS and EOS. beam_size 1 is greedy decoding."""
+                alpha: float, max_len: torch.Tensor, beta: float = 0.0) -> list[list[int]]:
+    """The best of `beam_size` hypotheses per source by log-probability / length penalty
+    (+ coverage penalty β, measured on the last decoder block's cross-attention averaged over
+    heads); outputs without BOS and EOS. beam_size 1 is greedy decoding."""
     cfg = model.cfg
     B, K, dev = src.size(0), beam_size, src.device
     state = model.start(src.repeat_interleave(K, 0), src_lengths.repeat_interleave(K, 0))
+    cross = model.decoder[-1].cross
+    keep = cross.keep_maps
+    cross.keep_maps = beta > 0
+    coverage = torch.zeros(B * K, src.size(1), device=dev)  # attention each source token got
     scores = torch.full((B, K), float("-inf"), device=dev)
     scores[:, 0] = 0.0  # all beams start as the same empty hypothesis: expand one
     hyps = torch.full((B * K, 1), cfg.bos_id, dtype=torch.long, device=dev)
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     open_ = [True] * B
     limit = max_len.tolist()
-    for t in range(1, int(max_len.max()) + 1):
-        logp = never_special(model.step(hyps[:, -1:], state), cfg).log_softmax(-1)  # (B*K, V)
-        V = logp.size(-1)
-        cand = (scores[:, :, None] + logp.view(B, K, V)).view(B, K * V)
-        top, idx = cand.topk(2 * K, dim=1)  # (B, 2K): enough to keep K that do not end
-        parent, token = idx // V, idx % V
-        new_scores = torch.full((B, K), float("-inf"), device=dev)
-        new_parent = torch.zeros((B, K), dtype=torch.long, device=dev)
-        new_token = torch.full((B, K), cfg.pad_id, dtype=torch.long, device=dev)
-        top_l, parent_l, token_l = top.tolist(), parent.tolist(), token.tolist()
-        for b in range(B):
-            if not open_[b]:
-                continue
-            kept = 0
-            for j in range(2 * K):
-                score, p, tok = top_l[b][j], parent_l[b][j], token_l[b][j]
-                if score == float("-inf"):
-                    break
-                ends = tok == cfg.eos_id or t >= limit[b]
-                if ends:
-                    if j < K:  # an ending among the K best is a finished hypothesis
-                        body = hyps[b * K + p, 1:].tolist() + ([] if tok == cfg.eos_id else [tok])
-                        finished[b].append((score / length_penalty(t, alpha), body))
-                elif kept < K:
-                    new_scores[b, kept], new_parent[b, kept], new_token[b, kept] = score, p, tok
-                    kept += 1
-            if len(finished[b]) >= K or t >= limit[b] or kept == 0:
-                open_[b] = False
-        if not any(open_):
-            break
-        index = (torch.arange(B, device=dev)[:, None] * K + new_parent).view(-1)
-        state.reorder(index)
-        hyps = torch.cat([hyps[index], new_token.view(-1, 1)], dim=1)
-        scores = torch.where(torch.tensor(open_, device=dev)[:, None], new_scores,
-                             torch.full_like(new_scores, float("-inf")))
+    try:
+        for t in range(1, int(max_len.max()) + 1):
+            logp = never_special(model.step(hyps[:, -1:], state), cfg).log_softmax(-1)  # (B*K, V)
+            if beta > 0:  # the attention that produced token t: each child shares its parent's
+                coverage = coverage + cross.last_map[:, :, -1].mean(1)  # (B*K, S)
+                cp = coverage_penalty(coverage, state.memory_mask, beta).view(B, K).tolist()
+            V = logp.size(-1)
+            cand = (scores[:, :, None] + logp.view(B, K, V)).view(B, K * V)
+            top, idx = cand.topk(2 * K, dim=1)  # (B, 2K): enough to keep K that do not end
+            parent, token = idx // V, idx % V
+            new_scores = torch.full((B, K), float("-inf"), device=dev)
+            new_parent = torch.zeros((B, K), dtype=torch.long, device=dev)
+            new_token = torch.full((B, K), cfg.pad_id, dtype=torch.long, device=dev)
+            top_l, parent_l, token_l = top.tolist(), parent.tolist(), token.tolist()
+            for b in range(B):
+                if not open_[b]:
+                    continue
+                kept = 0
+                for j in range(2 * K):
+                    score, p, tok = top_l[b][j], parent_l[b][j], token_l[b][j]
+                    if score == float("-inf"):
+                        break
+                    ends = tok == cfg.eos_id or t >= limit[b]
+                    if ends:
+                        if j < K:  # an ending among the K best is a finished hypothesis
+                            body = hyps[b * K + p, 1:].tolist() + ([] if tok == cfg.eos_id else [tok])
+                            final = score / length_penalty(t, alpha) + (cp[b][p] if beta > 0 else 0.0)
+                            finished[b].append((final, body))
+                    elif kept < K:
+                        new_scores[b, kept], new_parent[b, kept], new_token[b, kept] = score, p, tok
+                        kept += 1
+                finished[b] = sorted(finished[b], key=lambda f: -f[0])[:K]
+                if t >= limit[b] or kept == 0:
+                    open_[b] = False
+                elif len(finished[b]) == K:
+                    # Done when no live hypothesis can still beat the worst kept one: its
+                    # log-prob only falls with more tokens, so its best normalised score is its
+                    # score now over the largest penalty it could reach (at the limit; α >= 0),
+                    # with a coverage penalty of at best 0.
+                    best_live = float(new_scores[b, 0]) / length_penalty(limit[b], alpha)
+                    if best_live <= finished[b][-1][0]:
+                        open_[b] = False
+            if not any(open_):
+                break
+            index = (torch.arange(B, device=dev)[:, None] * K + new_parent).view(-1)
+            state.reorder(index)
+            coverage = coverage[index]
+            hyps = torch.cat([hyps[index], new_token.view(-1, 1)], dim=1)
+            scores = torch.where(torch.tensor(open_, device=dev)[:, None], new_scores,
+                                 torch.full_like(new_scores, float("-inf")))
+    finally:
+        cross.keep_maps = keep
     return [max(f, key=lambda x: x[0])[1] if f else [] for f in finished]
 
 
@@ -184,7 +218,8 @@ class Translator:
             else:
                 limit = max_lengths(lengths, d.get("max_len_a", 1.2), d.get("max_len_b", 10),
                                     self.model.cfg.block_size)
-            ids = beam_search(self.model, src, lengths, k, d.get("length_penalty", 0.6), limit)
+            ids = beam_search(self.model, src, lengths, k, d.get("length_penalty", 0.6), limit,
+                              d.get("coverage_penalty", 0.0))
             out += self.tok.decode_batch(ids, skip_special_tokens=True)
         return out
 
@@ -213,7 +248,7 @@ def decode_split(tok: Tokenizer, pairs: Pairs) -> tuple[list[str], list[str]]:
 
 
 def translate_split(model: Seq2Seq, pairs: Pairs, beam_size: int, alpha: float, a: float, b: int,
-                    batch_size: int) -> list[list[int]]:
+                    batch_size: int, beta: float = 0.0) -> list[list[int]]:
     """Model outputs (ids) for every pair of a split, sources batched by length."""
     cfg = model.cfg
     order = np.argsort(pairs.src_lengths, kind="stable")
@@ -225,7 +260,7 @@ def translate_split(model: Seq2Seq, pairs: Pairs, beam_size: int, alpha: float, 
         if beam_size == 1:
             ids = greedy(model, src, lengths, limit)
         else:
-            ids = beam_search(model, src, lengths, beam_size, alpha, limit)
+            ids = beam_search(model, src, lengths, beam_size, alpha, limit, beta)
         for j, seq in zip(rows, ids):
             out[j] = seq
     return out
@@ -284,7 +319,8 @@ def saved_config(spec: Any) -> dict[str, Any]:
     """What a trained model's config.json keeps of its run: the decoding settings it is served
     and evaluated with."""
     return {"decoding": {k: getattr(spec, k) for k in
-                         ("beam_size", "length_penalty", "max_len_a", "max_len_b")}}
+                         ("beam_size", "length_penalty", "coverage_penalty", "max_len_a",
+                          "max_len_b")}}
 
 
 def evaluate(model_dir: Path, test: Pairs, train: Pairs, batch_size: int) -> tuple[dict[str, Any], str]:
@@ -300,7 +336,7 @@ def evaluate(model_dir: Path, test: Pairs, train: Pairs, batch_size: int) -> tup
     outputs: dict[str, list[str]] = {}
     for name, k in (("greedy", 1), ("beam", d["beam_size"])):
         ids = translate_split(model, test, k, d["length_penalty"], d["max_len_a"], d["max_len_b"],
-                              batch_size)
+                              batch_size, d.get("coverage_penalty", 0.0))
         outputs[name] = tok.decode_batch(ids, skip_special_tokens=True)
         results[name] = scores(outputs[name], references)
     baselines = {"copy_source": scores(sources, references),

@@ -35,7 +35,10 @@ def test_the_alias_moves_only_to_a_challenger_better_by_the_margin(params, tiny_
     stage_dir = tmp_path / "stage"
     scores = {}
 
+    scored = []
+
     def score(folder: Path) -> float:  # the challenger is scored in place, the champion downloaded
+        scored.append(folder)
         return scores["challenger" if folder == stage_dir else "champion"]
 
     def gate() -> promote.Decision:
@@ -46,6 +49,7 @@ def test_the_alias_moves_only_to_a_challenger_better_by_the_margin(params, tiny_
     scores["challenger"] = 0.40
     first = gate()
     assert first.moved and first.champion_after == v1 and first.reason.startswith("no champion yet")
+    assert scored == [] and first.challenger_score is None  # nothing to compare: nothing scored
     again = gate()
     assert not again.moved and "already the champion" in again.reason
 

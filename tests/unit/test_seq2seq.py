@@ -196,3 +196,20 @@ def test_translator_keeps_to_max_new_tokens_and_refuses_bad_params(tiny_seq2seq_
         t.predict(["x"], {"beam_size": -1})
     with pytest.raises(Exception, match="string"):
         t.translate([3])  # type: ignore[list-item]
+
+
+def test_coverage_penalty_is_zero_for_full_coverage_and_ignores_padding():
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+    cov = torch.tensor([[1.5, 1.0, 0.0], [0.5, 0.25, 0.0]])
+    cp = task.coverage_penalty(cov, mask, 0.2)
+    assert cp[0].item() == 0.0  # min(cov, 1) = 1 everywhere real; the padding's 0 is left out
+    assert cp[1].item() == pytest.approx(0.2 * (math.log(0.5) + math.log(0.25)))
+    assert task.coverage_penalty(cov, mask, 0.0).tolist() == [0.0, 0.0]
+
+
+def test_beam_search_with_coverage_restores_the_cross_attention_mode_and_keeps_lengths():
+    m = model(seed=5)
+    src, lengths = torch.randint(3, 40, (3, 6)), torch.tensor([6, 4, 2])
+    out = task.beam_search(m, src, lengths, 3, 0.6, torch.tensor([5, 5, 5]), beta=0.2)
+    assert all(len(o) <= 5 for o in out)
+    assert not m.decoder[-1].cross.keep_maps  # the fast kernel again after decoding
