@@ -146,9 +146,10 @@ def bow_baseline(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, see
             LogisticRegression(C=c, max_iter=2000, random_state=seed),
         ).fit(train["text"], train["label"])
 
-    best = max(BOW_C_GRID, key=lambda c: f1_score(val["label"], fit(c).predict(val["text"]),
+    fitted = {c: fit(c) for c in BOW_C_GRID}
+    best = max(BOW_C_GRID, key=lambda c: f1_score(val["label"], fitted[c].predict(val["text"]),
                                                   average="macro"))
-    return fit(best).predict(test["text"]).tolist()
+    return fitted[best].predict(test["text"]).tolist()
 
 
 # --- explanation ------------------------------------------------------------------------------

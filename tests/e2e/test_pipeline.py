@@ -73,7 +73,9 @@ def test_tiny_pipeline_runs_every_family_end_to_end_then_reruns_only_what_change
     assert mlm["test"]["masked_accuracy"] > 0 and "unigram" in mlm["baselines"]
     s2s = shown["reports/metrics/evaluate-pretrain/seq2seq.json"]["data"]
     assert s2s["task"] == "seq2seq" and s2s["test"]["bleu_signature"].startswith("nrefs:1")
-    assert {"copy_source", "retrieval"} <= set(s2s["baselines"]) and len(s2s["examples"]) == 5
+    assert {"copy_source", "retrieval"} <= set(s2s["baselines"])
+    s2s_file = json.loads((project / "reports/metrics/evaluate-pretrain/seq2seq.json").read_text())
+    assert len(s2s_file["examples"]) == 5  # (dvc metrics show leaves lists out)
 
     # MLflow: one pipeline run with every stage instance nested under it, each with metrics,
     # and each logging as params exactly the values DVC hashed for it

@@ -40,7 +40,8 @@ def test_a_bert_pretrained_on_one_dataset_is_finetuned_as_a_tagger_on_conll_file
                  "ner": {"source": "files", "files": {"format": "conll", "splits": {
                      "train": str(CONLL / "train.txt"), "val": str(CONLL / "dev.txt"),
                      "test": str(CONLL / "test.txt")}}}},
-        "tokenizer": {"wp": {"kind": "wordpiece", "data": "news", "vocab_size": 400,
+        "tokenizer": {"wp": {"kind": "wordpiece", "data": "news", "text": "pretrain",
+                             "vocab_size": 400,
                              "min_frequency": 1}},
         "pretrain": {"enc": {"family": "bert", "objective": "mlm", "corpus": "news",
                              "tokenizer": "wp", **TINY_PRETRAIN, "max_steps": 20}},

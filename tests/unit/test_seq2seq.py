@@ -213,3 +213,49 @@ def test_beam_search_with_coverage_restores_the_cross_attention_mode_and_keeps_l
     out = task.beam_search(m, src, lengths, 3, 0.6, torch.tensor([5, 5, 5]), beta=0.2)
     assert all(len(o) <= 5 for o in out)
     assert not m.decoder[-1].cross.keep_maps  # the fast kernel again after decoding
+
+
+def test_a_seq2seq_run_interrupted_and_resumed_reaches_the_same_weights_bitwise(tmp_path):
+    from bigmodel.config import Optim
+    from bigmodel.train.trainer import Trainer
+
+    rng = np.random.default_rng(1)
+    pairs = pairs_of([(list(rng.integers(3, 40, n)) + [EOS], list(rng.integers(3, 40, 4)) + [EOS])
+                      for n in rng.integers(2, 12, 48)])
+    opt = Optim(lr=3e-3, min_lr=3e-4, warmup_steps=3, batch_size=4, device="cpu", dropout=0.1)
+
+    def fresh() -> tuple[Trainer, PairSampler]:
+        torch.manual_seed(0)
+        m = model()
+        m.train()
+        return Trainer(m, opt, 16), sampler(pairs)
+
+    def fit(trainer, draw, checkpoint=None, counter=None):  # noqa: ANN001, ANN202
+        counter = counter or draw
+        return trainer.fit(draw, lambda m, b: seq2seq_loss(m, b, 0.1), evaluate=lambda: {},
+                           eval_interval=100, log=lambda m, s: None, log_interval=4,
+                           tokens_per_step=lambda: counter.target_tokens, checkpoint=checkpoint,
+                           checkpoint_interval=4 if checkpoint else 0)
+
+    full, draw = fresh()
+    result = fit(full, draw)
+    assert result.tokens_per_s > 0 and draw.target_tokens == 16 * 4 * 5  # 5 target tokens a pair
+    crashed, draw = fresh()
+    calls = {"n": 0}
+
+    def flaky():  # noqa: ANN202
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise KeyboardInterrupt("killed")
+        return draw()
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(crashed, flaky, lambda: crashed.save_checkpoint(ckpt, {"sampler_rng": draw.gen.get_state()}),
+            counter=draw)
+    resumed, draw = fresh()
+    draw.gen.set_state(resumed.load_checkpoint(ckpt)["sampler_rng"])
+    assert resumed.step == 8
+    fit(resumed, draw)
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
