@@ -221,6 +221,7 @@ class GPTPretrain(PretrainBase):
     family: Literal["gpt"] = "gpt"
     objective: Literal["clm"] = "clm"
     tokenizer: str = "bpe"
+    max_steps: int = Field(400, ge=1)
 
 
 class BERTPretrain(PretrainBase):
@@ -232,7 +233,7 @@ class BERTPretrain(PretrainBase):
     tokenizer: str = "wordpiece"
     norm: Literal["post", "pre"] = "post"  # post: the original BERT layout
     dropout: float = Field(0.1, ge=0, lt=1)
-    max_steps: int = Field(500, ge=1)
+    max_steps: int = Field(400, ge=1)
     lr: float = Field(2e-3, gt=0, le=1)
     min_lr: float = Field(2e-4, ge=0, le=1)
     # post-norm at 2e-3 after 50 warm-up steps can stay stuck on the unigram plateau for the
@@ -266,7 +267,7 @@ class Seq2SeqPretrain(PretrainBase):
     dropout: float = Field(0.1, ge=0, lt=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     batch_size: int = Field(32, ge=1)  # pairs
-    max_steps: int = Field(500, ge=1)
+    max_steps: int = Field(400, ge=1)
     lr: float = Field(3e-3, gt=0, le=1)
     min_lr: float = Field(3e-4, ge=0, le=1)
     beta2: float = Field(0.98, ge=0, lt=1)
@@ -311,7 +312,7 @@ class Evaluate(Section):
 
 
 class Explain(Section):
-    n_examples: int = Field(8, ge=1, le=200)
+    n_examples: int = Field(4, ge=1, le=200)
     max_evals: int = Field(300, ge=10)
     max_len: int = Field(64, ge=4)
 
@@ -335,7 +336,7 @@ def _default_tokenizers() -> dict[str, TokenizerRun]:
 
 def _default_finetunes() -> dict[str, FinetuneRun]:
     return {
-        "gpt-cls": FinetuneRun(base="gpt", task="seq_cls", pooling="mean"),
+        "gpt-cls": FinetuneRun(base="gpt", task="seq_cls", pooling="mean", epochs=2),
         "bert-cls": FinetuneRun(base="bert", task="seq_cls", pooling="cls"),
         "bert-tag": FinetuneRun(base="bert", task="token_cls", epochs=2, max_len=64),
     }

@@ -51,8 +51,12 @@ class BERT(nn.Module):
         self.wse = nn.Embedding(cfg.type_vocab_size, C)  # segment (token type) embeddings
         self.ln_emb = nn.LayerNorm(C, bias=False)
         self.drop = nn.Dropout(cfg.dropout)
+        # Dropout on the embeddings and each sublayer's output, not on the attention weights:
+        # on the CPU attention dropout forces the unfused attention kernel (measured:
+        # benchmarks/RESULTS.md), and short pretraining runs underfit rather than overfit (the
+        # Cramming study drops dropout altogether). An export sets attention_probs_dropout 0.
         self.blocks = nn.ModuleList(
-            Block(C, cfg.n_head, cfg.dropout, causal=False, norm=cfg.norm)
+            Block(C, cfg.n_head, cfg.dropout, causal=False, norm=cfg.norm, attn_dropout=0.0)
             for _ in range(cfg.n_layer)
         )
         # Post-norm blocks end normalised; pre-norm leaves the residual stream raw.
