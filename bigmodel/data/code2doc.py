@@ -27,6 +27,7 @@ from __future__ import annotations
 import ast
 import copy
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -63,22 +64,29 @@ def function_source(node: ast.FunctionDef | ast.AsyncFunctionDef, max_chars: int
     return code
 
 
-def stdlib_pairs(root: Path, files: list[Path], max_source_chars: int = 600,
-                 max_target_chars: int = 160) -> pd.DataFrame:
-    """Columns source, target, group (the file, relative to `root`), files in the order
-    given and functions in source order; files that do not parse are skipped."""
-    rows = []
+def functions(root: Path, files: list[Path]
+              ) -> Iterator[tuple[ast.FunctionDef | ast.AsyncFunctionDef, str]]:
+    """Every `def` of the files (in the order given; in source order within a file) with its
+    file relative to `root`; files that do not parse are skipped."""
     for path in files:
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, SyntaxError, ValueError, RecursionError):
             continue
         rel = path.relative_to(root).as_posix()
-        functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
-        for node in sorted(functions, key=lambda n: (n.lineno, n.col_offset)):
-            doc = ast.get_docstring(node, clean=True)
-            target = summary(doc, max_target_chars) if doc else None
-            source = function_source(node, max_source_chars) if target else None
-            if source:
-                rows.append((source, target, rel))
+        found = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+        for node in sorted(found, key=lambda n: (n.lineno, n.col_offset)):
+            yield node, rel
+
+
+def stdlib_pairs(root: Path, files: list[Path], max_source_chars: int = 600,
+                 max_target_chars: int = 160) -> pd.DataFrame:
+    """Columns source, target, group (the file, relative to `root`)."""
+    rows = []
+    for node, rel in functions(root, files):
+        doc = ast.get_docstring(node, clean=True)
+        target = summary(doc, max_target_chars) if doc else None
+        source = function_source(node, max_source_chars) if target else None
+        if source:
+            rows.append((source, target, rel))
     return pd.DataFrame(rows, columns=["source", "target", "group"])

@@ -327,36 +327,17 @@ def test_trained_bert_beats_the_unigram_baseline(trained):
 def test_a_bert_run_interrupted_and_resumed_reaches_the_same_weights_bitwise(tmp_path):
     from bigmodel.config import Optim
     from bigmodel.train.trainer import Trainer
+    from tests.unit.crash import assert_resume_is_bitwise
 
     opt = Optim(lr=3e-3, min_lr=3e-4, warmup_steps=3, batch_size=8, device="cpu", dropout=0.1)
 
     def fresh() -> tuple[Trainer, MLMSampler]:
         torch.manual_seed(0)
-        trainer = Trainer(tiny_bert(SP.vocab_size, nsp=True), opt, 16)
-        return trainer, sampler(True, batch_size=8)
+        return Trainer(tiny_bert(SP.vocab_size, nsp=True), opt, 16), sampler(True, batch_size=8)
 
-    def fit(trainer, draw, checkpoint=None):  # noqa: ANN001, ANN202
+    def fit(trainer, _sampler, draw, checkpoint):  # noqa: ANN001, ANN202
         return trainer.fit(draw, mlm_loss, evaluate=lambda: {}, eval_interval=100,
                            log=lambda m, s: None, log_interval=4, tokens_per_step=8 * T,
                            checkpoint=checkpoint, checkpoint_interval=4 if checkpoint else 0)
 
-    full, draw = fresh()
-    fit(full, draw)
-    crashed, draw = fresh()
-    calls = {"n": 0}
-
-    def flaky():  # noqa: ANN202
-        calls["n"] += 1
-        if calls["n"] == 11:
-            raise KeyboardInterrupt("killed")
-        return draw()
-
-    ckpt = tmp_path / "ckpt"
-    with pytest.raises(KeyboardInterrupt):
-        fit(crashed, flaky, lambda: crashed.save_checkpoint(ckpt, {"sampler_rng": draw.gen.get_state()}))
-    resumed, draw = fresh()
-    draw.gen.set_state(resumed.load_checkpoint(ckpt)["sampler_rng"])
-    assert resumed.step == 8
-    fit(resumed, draw)
-    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b)
+    assert_resume_is_bitwise(fresh, fit, tmp_path / "ckpt", crash_at=11, resumed_step=8)

@@ -13,6 +13,7 @@ from bigmodel.models.gpt import GPT, GPTConfig
 from bigmodel.train.distributed import World
 from bigmodel.objectives.clm import WindowSampler, lm_loss
 from bigmodel.train.trainer import Trainer, lr_at
+from tests.unit.crash import assert_resume_is_bitwise
 
 CFG = GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16)
 OPT = Optim(lr=3e-2, min_lr=3e-3, warmup_steps=3, batch_size=4, device="cpu")
@@ -54,30 +55,11 @@ def test_training_drives_the_loss_down():
 
 
 def test_resume_after_a_crash_reaches_the_same_weights_bitwise(tmp_path):
-    full, sampler = fresh(20)
-    fit(full, sampler)
-
-    crashed, sampler = fresh(20)
-    calls = {"n": 0}
-
-    def flaky():  # noqa: ANN202
-        calls["n"] += 1
-        if calls["n"] == 14:
-            raise KeyboardInterrupt("killed")
-        return sampler()
-
-    ckpt = tmp_path / "ckpt"
-    with pytest.raises(KeyboardInterrupt):
-        fit(crashed, flaky, checkpoint=lambda: crashed.save_checkpoint(
-            ckpt, {"sampler_rng": sampler.gen.get_state()}), interval=5)
-
-    resumed, sampler = fresh(20)
-    state = resumed.load_checkpoint(ckpt)
-    sampler.gen.set_state(state["sampler_rng"])
-    assert resumed.step == 10
-    fit(resumed, sampler)
-    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b)
+    assert_resume_is_bitwise(
+        lambda: fresh(20),
+        lambda trainer, sampler, draw, checkpoint: fit(trainer, draw, checkpoint=checkpoint,
+                                                       interval=5 if checkpoint else 0),
+        tmp_path / "ckpt", crash_at=14, resumed_step=10)
 
 
 def test_resume_inside_a_log_window_logs_the_same_losses_and_restores_every_rng(tmp_path):
