@@ -65,7 +65,7 @@ class FilesSource(Section):
     label_column: str = ""  # empty: no sequence-classification set
     source_column: str = ""  # with target_column: each row is a (source, target) pair (seq2seq)
     target_column: str = ""
-    target_suffix: str = ""  # format aligned: the target file's suffix (de for train.en → train.de)
+    target_suffix: str = ""  # format aligned: the target file's suffix (train.en → train.de: de)
     group_column: str = ""  # rows sharing a group stay in one split; empty: split by text
     split_column: str = ""  # a column naming each row's split (train, val / dev, test)
 
@@ -274,7 +274,7 @@ class Seq2SeqPretrain(PretrainBase):
     weight_decay: float = Field(0.01, ge=0)
     beam_size: int = Field(4, ge=1)  # 1: greedy
     length_penalty: float = Field(0.6, ge=0)  # GNMT's alpha: ((5 + length) / 6) ** alpha
-    coverage_penalty: float = Field(0.2, ge=0)  # GNMT's beta: outputs that ignore source tokens lose
+    coverage_penalty: float = Field(0.2, ge=0)  # GNMT's beta: ignoring source tokens costs
     max_len_a: float = Field(1.2, ge=0)  # the longest output: a × source tokens + b
     max_len_b: int = Field(10, ge=1)
 

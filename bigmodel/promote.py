@@ -1,16 +1,18 @@
 """The champion gate: move a registered model's `champion` alias only to a better model.
 
 For each registered model the pipeline produces (every finetune run, every pretrain run whose
-task serves as it is: clm, seq2seq), the newest version (the challenger, noted in its stage's `registry.json`) and the
-version the alias points at (the champion) are scored on the *same* test split, by the same code,
-now, with the metric of the model's task (bigmodel/tasks/<task>.py, `gate_score`):
+task serves as it is: clm, seq2seq), the newest version (the challenger, noted in its stage's
+`registry.json`) and the version the alias points at (the champion) are scored on the *same*
+test split, by the same code, now, with the metric of the model's task
+(bigmodel/tasks/<task>.py, `gate_score` / `gate_scorer`):
 - seq_cls: macro-F1 on its data run's `seq_cls_test.parquet` — higher is better;
 - token_cls: entity F1 (seqeval) on `token_cls_test.parquet` — higher is better;
 - clm: bits per byte on the start of its corpus's `pretrain_test.parquet` — lower is better;
 - seq2seq: sacreBLEU BLEU on its corpus's `seq2seq_test.parquet` — higher is better.
-The alias moves when there is no champion yet, or when the challenger is better by at least
-`promote.margin` (F1) / `promote.margin_bpb` (bits per byte) / `promote.margin_bleu` (BLEU). Every decision is written as tags
-on the challenger version, so the registry says why each model was or was not promoted.
+The alias moves when there is no champion yet (unscored: there is nothing to compare with), or
+when the challenger is better by at least `promote.margin` (F1) / `promote.margin_bpb` (bits
+per byte) / `promote.margin_bleu` (BLEU). Every decision is written as tags on the challenger
+version, so the registry says why each model was or was not promoted.
 """
 
 from __future__ import annotations

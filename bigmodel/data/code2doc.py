@@ -49,8 +49,8 @@ def function_source(node: ast.FunctionDef | ast.AsyncFunctionDef, max_chars: int
     """The function's code without its docstring, canonical and on one line; None when the
     body is nothing but the docstring (and `pass` / `...`)."""
     body = node.body[1:]  # the docstring is the first statement
-    if all(isinstance(s, ast.Pass) or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))
-           for s in body):
+    if all(isinstance(s, ast.Pass)
+           or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)) for s in body):
         return None
     stripped = copy.copy(node)  # shallow: the original tree keeps its docstring
     stripped.body = body
