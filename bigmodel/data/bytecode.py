@@ -18,8 +18,9 @@ CPython runs — taken from real code (about 6,000 functions of CPython 3.11's s
 pairs once exact duplicates are dropped, split by source file), with no download. It is
 exact, so BLEU and chrF measure it well, and it is not trivial: a model has to turn infix
 expressions into postfix stack order, tell locals (LOAD_FAST) from globals (LOAD_GLOBAL) and
-attributes (LOAD_ATTR, LOAD_METHOD), and count the arguments of calls. Copying the source (the names overlap) and retrieving the bytecode of the
-most similar training function are the baselines to beat. The bytecode depends on the Python
+attributes (LOAD_ATTR, LOAD_METHOD), and count the arguments of calls. Copying the source (the
+names overlap) and retrieving the bytecode of the most similar training function are the
+baselines to beat. The bytecode depends on the Python
 version (3.12 renamed and merged instructions), as the tagging task's lines do.
 `bigmodel/data/code2doc.py` is the other built-in pairs task (code → docstring summary), chosen
 with `builtin_pairs: docstring`.
