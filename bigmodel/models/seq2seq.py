@@ -56,10 +56,6 @@ class State:
         for cache in self.caches:
             cache.reorder(index)
 
-    @property
-    def length(self) -> int:
-        return self.caches[0].length
-
 
 class Seq2Seq(nn.Module):
     def __init__(self, cfg: Seq2SeqConfig):
