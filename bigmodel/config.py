@@ -165,6 +165,17 @@ class TokenizerRun(Section):
     text: Literal["pretrain", "seq2seq"] = "pretrain"
     vocab_size: int = Field(4096, ge=260, le=1 << 20)  # bpe / wordpiece
     min_frequency: int = Field(2, ge=1)
+    # bpe: what merges never cross. bytelevel: GPT-2's words, each with the space before it;
+    # code: names, numbers, punctuation marks and whitespace apart (a name tokenizes the same
+    # after a space, a dot or a bracket: what a seq2seq model copies from source to target)
+    pieces: Literal["bytelevel", "code"] = "bytelevel"
+
+    @model_validator(mode="after")
+    def _check(self) -> "TokenizerRun":
+        if self.pieces != "bytelevel" and self.kind != "bpe":
+            raise ValueError(f"pieces: {self.pieces} is a bpe setting; a {self.kind} tokenizer "
+                             "has its own pre-tokenizer (leave pieces at bytelevel)")
+        return self
 
 
 class Tokenize(Section):
@@ -264,6 +275,8 @@ class Seq2SeqPretrain(PretrainBase):
     n_decoder_layer: int = Field(3, ge=1)
     norm: Literal["pre", "post"] = "pre"  # post: the 2017 paper's layout
     positions: Literal["sinusoidal", "learned"] = "sinusoidal"
+    # copy source tokens as well as generate them (See et al., 2017); false: the paper's model
+    copy_attention: bool = True
     dropout: float = Field(0.1, ge=0, lt=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     batch_size: int = Field(32, ge=1)  # pairs
@@ -331,7 +344,7 @@ class Promote(Section):
 
 def _default_tokenizers() -> dict[str, TokenizerRun]:
     return {"bpe": TokenizerRun(kind="bpe"), "wordpiece": TokenizerRun(kind="wordpiece"),
-            "joint": TokenizerRun(kind="bpe", text="seq2seq")}
+            "joint": TokenizerRun(kind="bpe", text="seq2seq", pieces="code")}
 
 
 def _default_finetunes() -> dict[str, FinetuneRun]:

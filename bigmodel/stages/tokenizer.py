@@ -27,7 +27,8 @@ def run(params: Params, name: str) -> str:
     prepared, out = params.path("data", cfg.data) / "prepared", params.path("tokenizer", name)
     with tracking.stage_run(f"tokenizer@{name}", params, param_keys(params, "tokenizer", name)) as mlrun:
         texts = iter_texts(prepared / f"{cfg.text}_train.parquet")
-        tok = tokenizers.train(cfg.kind, texts, cfg.vocab_size, cfg.min_frequency)
+        tok = tokenizers.train(cfg.kind, texts, cfg.vocab_size, cfg.min_frequency,
+                               cfg.pieces)
         metrics = {
             "vocab_size": tok.get_vocab_size(),
             "val_bytes_per_token": bytes_per_token(tok, prepared / f"{cfg.text}_val.parquet"),

@@ -2,7 +2,10 @@
 
 - `bpe`: byte-level BPE with `vocab_size` entries (any byte sequence stays encodable); a text
   encodes to its tokens followed by `<|endoftext|>` (GPT; the encoder-decoder's end of
-  sequence, its decoder starting from `<|bos|>`).
+  sequence, its decoder starting from `<|bos|>`). Its pieces (what merges never cross) are
+  GPT-2's (`bytelevel`: a word carries the space before it) or `code`'s (names, numbers, each
+  punctuation mark and each run of whitespace apart: a name is the same tokens after a space,
+  a dot or a bracket, so a seq2seq model can copy it from source to target).
 - `wordpiece`: BERT's WordPiece (lower-casing off: code is case-sensitive), with
   [PAD] [UNK] [CLS] [SEP] [MASK] as ids 0-4; a text encodes to `[CLS] tokens [SEP]`.
 - `char`: one token per character seen in the train split plus `<|unk|>` (nanoGPT's
@@ -70,17 +73,31 @@ def specials(tok: Tokenizer) -> Specials:
                     vocab_size=tok.get_vocab_size())
 
 
-def train(kind: str, texts: Iterator[str], vocab_size: int, min_frequency: int) -> Tokenizer:
+PIECES = {  # a bpe tokenizer's pre-tokenizer: the pieces that BPE merges never cross
+    "bytelevel": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False),
+    "code": lambda: pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\s+|[A-Za-z_][A-Za-z0-9_]*|\d+|[^\sA-Za-z0-9_]"),
+                             behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ]),
+}
+
+
+def train(kind: str, texts: Iterator[str], vocab_size: int, min_frequency: int,
+          pieces: str = "bytelevel") -> Tokenizer:
     if kind == "char":
         return train_char(texts)
     if kind == "wordpiece":
         return train_wordpiece(texts, vocab_size, min_frequency)
-    return train_bpe(texts, vocab_size, min_frequency)
+    return train_bpe(texts, vocab_size, min_frequency, pieces)
 
 
-def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int) -> Tokenizer:
+def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int,
+              pieces: str = "bytelevel") -> Tokenizer:
+    if pieces not in PIECES:
+        raise BigModelError(f"bpe pieces must be one of {sorted(PIECES)}, not {pieces!r}")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = PIECES[pieces]()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -17,11 +17,11 @@ EOS, PAD, BOS = 0, 1, 2
 
 
 def model(vocab: int = 40, seed: int = 0, norm: str = "pre", positions: str = "sinusoidal",
-          block: int = 24) -> Seq2Seq:
+          block: int = 24, copy: bool = False) -> Seq2Seq:
     torch.manual_seed(seed)
     cfg = Seq2SeqConfig(vocab_size=vocab, block_size=block, n_layer=2, n_decoder_layer=2,
                         n_head=2, n_embd=16, dropout=0.0, norm=norm, positions=positions,
-                        pad_id=PAD, bos_id=BOS, eos_id=EOS)
+                        pad_id=PAD, bos_id=BOS, eos_id=EOS, copy_attention=copy)
     return Seq2Seq(cfg).eval()
 
 
@@ -39,9 +39,11 @@ def test_sinusoidal_positions_follow_the_paper():
     assert pe[pos, 2 * i + 1].item() == pytest.approx(math.cos(pos / 10000 ** (2 * i / 8)), abs=1e-6)
 
 
-@pytest.mark.parametrize("norm,positions", [("pre", "sinusoidal"), ("post", "learned")])
-def test_outputs_do_not_depend_on_source_padding_and_the_decoder_is_causal(norm, positions):
-    m = model(norm=norm, positions=positions)
+@pytest.mark.parametrize("norm,positions,copy", [("pre", "sinusoidal", False),
+                                                 ("post", "learned", False),
+                                                 ("pre", "sinusoidal", True)])
+def test_outputs_do_not_depend_on_source_padding_and_the_decoder_is_causal(norm, positions, copy):
+    m = model(norm=norm, positions=positions, copy=copy)
     src = torch.randint(3, 40, (2, 9))
     lengths = torch.tensor([9, 5])
     tgt = torch.randint(3, 40, (2, 6))
@@ -65,8 +67,9 @@ def test_the_output_projection_is_the_shared_embedding():
         p.numel() for n, p in m.named_parameters() if n != "lm_head.weight")
 
 
-def test_stepping_with_the_cache_gives_the_teacher_forced_logits():
-    m = model()
+@pytest.mark.parametrize("copy", [False, True])
+def test_stepping_with_the_cache_gives_the_teacher_forced_logits(copy):
+    m = model(copy=copy)
     src, lengths = torch.randint(3, 40, (3, 7)), torch.tensor([7, 4, 6])
     tgt = torch.randint(3, 40, (3, 8))
     with torch.no_grad():
@@ -76,9 +79,9 @@ def test_stepping_with_the_cache_gives_the_teacher_forced_logits():
     assert torch.allclose(full, steps, atol=1e-5)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_greedy_output_is_identical_with_and_without_the_cache(seed):
-    m = model(seed=seed)
+@pytest.mark.parametrize("seed,copy", [(0, False), (1, False), (2, False), (0, True)])
+def test_greedy_output_is_identical_with_and_without_the_cache(seed, copy):
+    m = model(seed=seed, copy=copy)
     src, lengths = torch.randint(3, 40, (4, 10)), torch.tensor([10, 3, 7, 1])
     limit = torch.tensor([12, 5, 20, 8])
     cached = task.greedy(m, src, lengths, limit, cache=True)
@@ -86,6 +89,42 @@ def test_greedy_output_is_identical_with_and_without_the_cache(seed):
     assert cached == plain
     assert all(len(out) <= n for out, n in zip(cached, limit.tolist()))
     assert all(PAD not in out and BOS not in out and EOS not in out for out in cached)
+
+
+def test_copy_attention_gives_log_probabilities_that_put_the_copied_share_on_source_tokens():
+    m = model(copy=True)
+    src, lengths = torch.tensor([[5, 6, 6, 9, PAD]]), torch.tensor([4])
+    tgt = torch.tensor([[BOS, 7, 8]])
+    with torch.no_grad():
+        logp = m(src, lengths, tgt)  # (1, 3, vocab)
+        assert torch.allclose(logp.logsumexp(-1), torch.zeros(1, 3), atol=1e-5)
+        m.copy_gate.bias.fill_(-30.0)  # the gate sends everything to the copy attention
+        on_source = m(src, lengths, tgt).exp()[..., [5, 6, 9]].sum(-1)
+    assert torch.allclose(on_source, torch.ones(1, 3), atol=1e-4)  # padding (id 1) gets none
+
+
+def test_the_copy_attention_learns_to_copy_unseen_sequences_that_the_plain_model_cannot_yet():
+    """Copying random sequences: 120 steps. With the copy attention the model copies; without it
+    the tied, sqrt(C)-scaled embedding first has to unlearn repeating its input token."""
+    def train(copy: bool) -> float:
+        torch.manual_seed(0)
+        cfg = Seq2SeqConfig(vocab_size=64, block_size=16, n_layer=2, n_decoder_layer=2, n_head=2,
+                            n_embd=32, dropout=0.0, pad_id=PAD, bos_id=BOS, eos_id=EOS,
+                            copy_attention=copy)
+        m = Seq2Seq(cfg)
+        opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+        for _ in range(120):
+            src = torch.randint(3, 64, (32, 10))
+            tgt_in = torch.cat([torch.full((32, 1), BOS), src[:, :-1]], 1)
+            loss = F.cross_entropy(m(src, None, tgt_in).flatten(0, 1), src.flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        src = torch.randint(3, 64, (64, 10))
+        out = task.greedy(m.eval(), src, None, torch.full((64,), 10))
+        return float(np.mean([o == s for o, s in zip(out, src.tolist())]))
+    assert train(copy=True) > 0.9  # whole sequences copied exactly
+    assert train(copy=False) < 0.1
 
 
 def test_beam_of_one_is_greedy():

@@ -110,3 +110,36 @@ def test_char_tokenizer_has_one_token_per_character_and_maps_unseen_ones_to_unk(
     assert tok.encode("Zq").tokens[:-1] == [UNK, UNK]  # never seen in training
     pd.DataFrame({"text": ["naïve"]}).to_parquet(tmp_path / "v.parquet")
     assert bytes_per_token(tok, tmp_path / "v.parquet") == 6 / 5  # ï: two bytes, one token
+
+
+def test_code_pieces_give_a_name_the_same_tokens_after_a_space_a_dot_or_a_bracket():
+    import pytest
+
+    from bigmodel.errors import BigModelError
+    from bigmodel.text.tokenizers import train_bpe
+
+    texts = ["def close(self): return self._selector.close()",
+             "LOAD_FAST self LOAD_ATTR _selector LOAD_METHOD close PRECALL CALL RETURN_VALUE"] * 20
+    code = train_bpe(iter(texts), vocab_size=300, min_frequency=2, pieces="code")
+    plain = train_bpe(iter(texts), vocab_size=300, min_frequency=2)
+
+    def ids(tok, name: str, context: str) -> list[int]:
+        enc = tok.encode(context)
+        start = context.index(name)
+        return [i for i, (a, b) in zip(enc.ids, enc.offsets) if a >= start and b <= start + len(name)]
+
+    contexts = ["x._selector.y", "LOAD_ATTR _selector", "f(_selector)"]
+    assert len({tuple(ids(code, "_selector", c)) for c in contexts}) == 1
+    assert len({tuple(ids(plain, "_selector", c)) for c in contexts}) > 1  # GPT-2's: " _selector"
+    for text in [*texts[:2], "a  =\t[1, 2]\n# ünï ✓"]:
+        assert code.decode(code.encode(text).ids[:-1]) == text  # still byte-exact
+    with pytest.raises(BigModelError, match="bpe pieces must be one of"):
+        train_bpe(iter(texts), vocab_size=300, min_frequency=2, pieces="words")
+
+
+def test_pieces_other_than_bytelevel_are_a_bpe_setting():
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="pieces: code is a bpe setting"):
+        config.TokenizerRun(kind="wordpiece", pieces="code")
