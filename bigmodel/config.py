@@ -344,7 +344,7 @@ class Promote(Section):
 
 def _default_tokenizers() -> dict[str, TokenizerRun]:
     return {"bpe": TokenizerRun(kind="bpe"), "wordpiece": TokenizerRun(kind="wordpiece"),
-            "joint": TokenizerRun(kind="bpe", text="seq2seq", pieces="code")}
+            "joint": TokenizerRun(kind="bpe", text="seq2seq", pieces="code", vocab_size=2048)}
 
 
 def _default_finetunes() -> dict[str, FinetuneRun]:
@@ -381,6 +381,9 @@ class Params(Section):
                                      f"'-' and '_', starting with a letter or digit")
         for name, tok in self.tokenizer.items():
             _must_name(self.data, tok.data, f"tokenizer.{name}.data", "data run")
+        for name in set(self.pretrain) & set(self.finetune):
+            raise ValueError(f"pretrain.{name} and finetune.{name} share a name: both would "
+                             f"explain into {self.paths.explain}/{name}; rename one")
         for name, run in self.pretrain.items():
             _must_name(self.data, run.corpus, f"pretrain.{name}.corpus", "data run")
             _must_name(self.tokenizer, run.tokenizer, f"pretrain.{name}.tokenizer", "tokenizer run")

@@ -171,13 +171,27 @@ def _taggers(params: Params, metrics: dict[str, dict[str, dict]]) -> list[str]:
 
 
 def _explain(params: Params, metrics: dict[str, dict[str, dict]]) -> list[str]:
-    ex = {n: m for n, m in metrics.get("explain", {}).items() if n in params.finetune}
+    ex = {n: m for n, m in metrics.get("explain", {}).items()
+          if n in params.finetune or n in params.pretrain}
     if not ex:
         return []
     lines = ["", "## Explanations", ""]
     for name, m in ex.items():
         where = f"`{params.paths.explain}/{name}/`"
-        if "deletion_drop_shap" in m:
+        if "alignment_accuracy" in m:
+            lines.append(f"- {name}: {m['n_examples']} test sources in {where} (alignment maps "
+                         f"`alignment_<i>.png`: cross-attention of each decoder block and the "
+                         f"copy attention; SHAP per output token `shap.html`); the last map's "
+                         f"strongest source token is the copied one for "
+                         f"{m['alignment_accuracy']:.2f} of {m['alignment_tokens']} output tokens "
+                         f"found in the source; deleting the top-20% source tokens by SHAP lowers "
+                         f"log p(output) by {m['deletion_drop_shap']:.2f}, as many random ones by "
+                         f"{m['deletion_drop_random']:.2f}; additivity error "
+                         f"{m['additivity_max_error']:.1e}")
+        elif name in params.pretrain:
+            lines.append(f"- {name}: attention maps + rollout of {m['n_examples']} test documents "
+                         f"in {where} (`attention_<i>.png`)")
+        elif "deletion_drop_shap" in m:
             lines.append(f"- {name}: {m['n_examples']} test examples in {where} (SHAP `shap.html`, "
                          f"`shap_<i>.png`, attention + rollout `attention_<i>.png`); deleting the "
                          f"top-20% tokens by SHAP lowers p(predicted) by "

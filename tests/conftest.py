@@ -123,7 +123,8 @@ def tiny_wordpiece(tiny_texts):  # noqa: ANN001, ANN201
 
 
 def save_tiny_model(directory: Path, tok, family: str = "gpt", task: str = "clm",  # noqa: ANN001
-                    labels: list[str] | None = None, pooling: str = "mean") -> Path:
+                    labels: list[str] | None = None, pooling: str = "mean",
+                    arch: dict | None = None) -> Path:
     """A randomly initialised model folder in the layout the pretrain / finetune stages write."""
     import torch
 
@@ -132,7 +133,7 @@ def save_tiny_model(directory: Path, tok, family: str = "gpt", task: str = "clm"
     torch.manual_seed(0)
     arch = registry.arch_config(family, {"vocab_size": tok.get_vocab_size(), "block_size": 32,
                                          "n_layer": 1, "n_decoder_layer": 1, "n_head": 2,
-                                         "n_embd": 16})
+                                         "n_embd": 16, **(arch or {})})
     model = registry.build(family, arch)
     extra: dict = {}
     if task in ("seq_cls", "token_cls"):

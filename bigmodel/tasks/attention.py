@@ -10,6 +10,7 @@ GPT's maps are lower-triangular (causal); a BERT's are full.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -65,3 +66,25 @@ def figure(model: nn.Module, backbone: nn.Module, tok: Tokenizer, ids: np.ndarra
     fig.savefig(path, format="png", dpi=90)
     plt.close(fig)
     return layer_maps
+
+
+def explain_pretrained(model_dir: Path, split: Any, out: Path, n_examples: int,
+                       max_len: int) -> tuple[dict[str, float], str]:
+    """A pretrained backbone's attention maps and rollout for the first `max_len` tokens of the
+    first `n_examples` documents of a token split (GPT and BERT pretrain runs)."""
+    from bigmodel.models import registry
+    from bigmodel.text.tokenizers import load as load_tokenizer
+
+    info = registry.read_config(model_dir)
+    model = registry.build(info["family"], info["arch"])
+    registry.load_weights(model, model_dir)
+    model.eval()
+    tok = load_tokenizer(model_dir / "tokenizer.json")
+    starts = np.asarray(split.doc_starts)[:n_examples]
+    out.mkdir(parents=True, exist_ok=True)
+    block = min(max_len, info["arch"]["block_size"])
+    for i, start in enumerate(starts):
+        ids = np.asarray(split.tokens[start:start + block], dtype=np.int64)[None, :]
+        figure(lambda x, n: model.hidden(x, n), model, tok, ids, np.array([ids.shape[1]]),
+               out / f"attention_{i}.png")
+    return {"n_examples": len(starts)}, f"attention maps of {len(starts)} test documents"

@@ -220,3 +220,13 @@ def gate_scorer(params: Any, name: str) -> Any:
         raise BigModelError(f"{test}: not found (run the prepare stage first)")
     texts = pd.read_parquet(test)["text"].tolist()
     return lambda model_dir: gate_score(model_dir, texts, cfg.lm_eval_bytes, params.evaluate.batch_size)
+
+
+def explain_pretrained(params: Any, name: str, out: Path) -> tuple[dict[str, float], str]:
+    """Attention maps of the first test documents (the evaluate-pretrain stage's explanation)."""
+    from bigmodel.tasks import attention
+
+    cfg = params.explain
+    return attention.explain_pretrained(params.path("pretrain", name),
+                                        shards.load_split(params.path("tokens", name), "test"),
+                                        out, cfg.n_examples, cfg.max_len)

@@ -47,3 +47,13 @@ def evaluate_pretrained(params: Any, name: str) -> tuple[dict[str, Any], str]:
     return evaluate(params.path("pretrain", name), shards.load_split(tokens, "test"),
                     shards.load_split(tokens, "train"), params.evaluate.eval_batches,
                     params.evaluate.batch_size, params.seed, params.pretrain[name].mask_rate)
+
+
+def explain_pretrained(params: Any, name: str, out: Path) -> tuple[dict[str, float], str]:
+    """Attention maps of the first test documents (the evaluate-pretrain stage's explanation)."""
+    from bigmodel.tasks import attention
+
+    cfg = params.explain
+    return attention.explain_pretrained(params.path("pretrain", name),
+                                        shards.load_split(params.path("tokens", name), "test"),
+                                        out, cfg.n_examples, cfg.max_len)

@@ -296,6 +296,18 @@ def evaluate_pretrained(params: Any, name: str) -> tuple[dict[str, Any], str]:
                     shards.load_pairs(tokens, "train"), params.evaluate.batch_size)
 
 
+def explain_pretrained(params: Any, name: str, out: Path) -> tuple[dict[str, float], str]:
+    """Alignment maps and SHAP attributions of the model's outputs for test sources
+    (bigmodel/tasks/seq2seq_explain.py; the evaluate-pretrain stage's explanation)."""
+    from bigmodel.tasks import seq2seq_explain
+
+    test = params.path("data", params.pretrain[name].corpus) / "prepared" / "seq2seq_test.parquet"
+    cfg = params.explain
+    return seq2seq_explain.explain(Translator(params.path("pretrain", name)),
+                                   pd.read_parquet(test), out, cfg.n_examples, cfg.max_evals,
+                                   cfg.max_len, params.seed)
+
+
 GATE_MARGIN = "margin_bleu"  # the promote key: the BLEU gain a challenger needs
 
 

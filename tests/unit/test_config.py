@@ -169,3 +169,11 @@ def test_a_command_needs_a_run_name_when_there_are_several(tmp_path):
                            "--params", str(REPO / "params.yaml")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "finetune.gtp-cls: no such run (have: bert-cls, bert-tag, gpt-cls)" in proc.stderr
+
+
+def test_a_pretrain_and_a_finetune_run_cannot_share_a_name(tmp_path):
+    text = (REPO / "params.yaml").read_text().replace("\n  bert-cls:\n", "\n  bert:\n", 1)
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(BigModelError, match="pretrain.bert and finetune.bert share a name"):
+        config.load(path)

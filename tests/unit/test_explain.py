@@ -60,3 +60,61 @@ def test_attention_rollout_is_row_stochastic_and_follows_a_chain_of_attention():
     assert np.allclose(r.sum(-1), 1)
     assert r[-1, 0] > 0.7 and r[-1, 0] > r[-1, -1]
     assert np.allclose(attention.rollout([np.eye(t)]), np.eye(t))
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_a_seq2seq_explanation_aligns_outputs_with_sources_and_its_shap_values_add_up(
+        copy, tmp_path, tiny_tokenizer):
+    import pandas as pd
+
+    from bigmodel.tasks import seq2seq_explain
+    from bigmodel.tasks.seq2seq import Translator
+    from tests.conftest import save_tiny_model
+
+    directory = save_tiny_model(tmp_path / "s2s", tiny_tokenizer, "seq2seq", "seq2seq",
+                                arch={"copy_attention": copy})
+    translator = Translator(directory)
+    test = pd.DataFrame({"source": ["def add(a, b): return a + b", "import asyncio", "x = 1"],
+                         "target": ["LOAD_FAST a", "IMPORT_NAME asyncio", "STORE_NAME x"]})
+    out = tmp_path / "explain"
+    metrics, summary = seq2seq_explain.explain(translator, test, out, n_examples=2,
+                                               max_evals=40, max_len=12, seed=0)
+    assert metrics["n_examples"] == 2 and "alignment on copied tokens" in summary
+    assert metrics["additivity_max_error"] < 1e-4
+    assert all(np.isfinite(metrics[k]) for k in ("deletion_drop_shap", "deletion_drop_random"))
+    for i in range(2):
+        assert (out / f"alignment_{i}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "shap.html").read_text().count("<h3>example") == 2
+    maps, src = seq2seq_explain.alignment(translator, "def add(a, b): return a + b", [5, 6, 7])
+    titles = [t for t, _ in maps]
+    assert titles[-1] == ("copy attention" if copy else "decoder block 0: cross-attention")
+    for _, m in maps:  # rows: the 3 outputs and EOS; each a distribution over the source
+        assert m.shape == (4, len(src)) and np.allclose(m.sum(-1), 1, atol=1e-5)
+    assert translator.model.last_copy is None and not translator.model.keep_maps
+
+
+def test_alignment_hits_count_copied_tokens_whose_strongest_source_position_holds_them(
+        tiny_tokenizer):
+    from bigmodel.tasks.seq2seq_explain import alignment_hits
+
+    name, other, space = (tiny_tokenizer.token_to_id(t) for t in ("a", "b", "Ġ"))
+    assert None not in (name, other, space)
+    src = [name, space, other]
+    att = np.array([[0.8, 0.1, 0.1],    # output `name`: strongest on `name` → hit
+                    [0.1, 0.8, 0.1],    # output space: not counted
+                    [0.7, 0.1, 0.2],    # output `other`: strongest on `name` → miss
+                    [0.3, 0.3, 0.4]])   # output not in the source: not counted
+    assert alignment_hits(att, src, [name, space, other, 99], tiny_tokenizer) == (1, 2)
+
+
+def test_a_pretrained_backbone_explains_with_attention_maps_of_test_documents(tiny_gpt_dir,
+                                                                              tmp_path):
+    from bigmodel.text.shards import Split
+
+    split = Split(tokens=np.arange(3, 60, dtype=np.uint16) % 250, doc_starts=np.array([0, 20, 40]),
+                  n_bytes=0)
+    metrics, _ = attention.explain_pretrained(tiny_gpt_dir, split, tmp_path / "x", n_examples=2,
+                                              max_len=16)
+    assert metrics == {"n_examples": 2}
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["attention_0.png",
+                                                                  "attention_1.png"]
