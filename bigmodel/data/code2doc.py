@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,13 +65,21 @@ def function_source(node: ast.FunctionDef | ast.AsyncFunctionDef, max_chars: int
     return code
 
 
+@functools.lru_cache(maxsize=None)
+def parse(source: str) -> ast.Module:
+    """`ast.parse`, once per text: the built-in corpus reads each stdlib file's tree for its
+    documents, its tagged lines and its pairs (`load_builtin` clears the cache). Callers must
+    not change the tree."""
+    return ast.parse(source)
+
+
 def functions(root: Path, files: list[Path]
               ) -> Iterator[tuple[ast.FunctionDef | ast.AsyncFunctionDef, str]]:
     """Every `def` of the files (in the order given; in source order within a file) with its
     file relative to `root`; files that do not parse are skipped."""
     for path in files:
         try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
+            tree = parse(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, SyntaxError, ValueError, RecursionError):
             continue
         rel = path.relative_to(root).as_posix()

@@ -19,7 +19,7 @@ import pandas as pd
 from bigmodel.config import FilesSource, HFSource
 from bigmodel.data import conll
 from bigmodel.data.bytecode import stdlib_bytecode_pairs
-from bigmodel.data.code2doc import stdlib_pairs
+from bigmodel.data.code2doc import parse, stdlib_pairs
 from bigmodel.data.tagging import stdlib_tagging_examples
 from bigmodel.errors import BigModelError
 
@@ -115,7 +115,7 @@ def load_builtin(max_words: int = 48, pairs: str = "bytecode") -> Corpus:
         rel = path.relative_to(root).as_posix()
         try:
             source = path.read_text(encoding="utf-8")
-            tree = ast.parse(source)
+            tree = parse(source)
         except (UnicodeDecodeError, SyntaxError, ValueError):
             continue  # a handful of stdlib files are deliberately not valid UTF-8/Python
         docs.append((source, rel))
@@ -127,13 +127,16 @@ def load_builtin(max_words: int = 48, pairs: str = "bytecode") -> Corpus:
                 doc = ast.get_docstring(node, clean=True)
                 if doc:
                     examples.append((doc, family, rel))
-    return Corpus(
-        documents=pd.DataFrame(docs, columns=["text", "group"]),
-        labelled=pd.DataFrame(examples, columns=["text", "label", "group"]),
-        tagged=stdlib_tagging_examples(root, files, max_words=max_words),
-        pairs=(stdlib_bytecode_pairs if pairs == "bytecode" else stdlib_pairs)(root, files),
-        description={"source": "builtin", "stdlib": str(root), "files": len(docs)},
-    )
+    try:
+        return Corpus(
+            documents=pd.DataFrame(docs, columns=["text", "group"]),
+            labelled=pd.DataFrame(examples, columns=["text", "label", "group"]),
+            tagged=stdlib_tagging_examples(root, files, max_words=max_words),
+            pairs=(stdlib_bytecode_pairs if pairs == "bytecode" else stdlib_pairs)(root, files),
+            description={"source": "builtin", "stdlib": str(root), "files": len(docs)},
+        )
+    finally:
+        parse.cache_clear()  # each file's tree, shared by the tasks above
 
 
 def load_files(spec: FilesSource, root: Path, key: str = "files") -> Corpus:

@@ -50,6 +50,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from bigmodel.data.code2doc import parse
+
 ENTITY_TYPES = ("PARAM", "FUNC", "CLASS", "MODULE", "BUILTIN")
 LABELS = ["O"] + [f"{prefix}-{kind}" for kind in ENTITY_TYPES for prefix in "BI"]
 
@@ -88,7 +90,7 @@ def stdlib_tagging_examples(root: Path, files: list[Path], max_words: int = 64) 
 def tag_source(source: str) -> list[tuple[list[str], list[str]]]:
     """Every logical line of `source` as (words, IOB2 tags), entities or not.
     Raises SyntaxError when the source does not parse."""
-    names, imports = _name_kinds(ast.parse(source))
+    names, imports = _name_kinds(parse(source))
     return _tag_lines(source, names, imports)
 
 

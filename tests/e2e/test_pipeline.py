@@ -119,6 +119,15 @@ def test_tiny_pipeline_runs_every_family_end_to_end_then_reruns_only_what_change
         assert "<html>" in (project / f"reports/explain/{run}/shap.html").read_text()[:200]
         assert (project / f"reports/explain/{run}/attention_1.png").stat().st_size > 1000
     assert (project / "reports/explain/bert-tag/attention_0.png").stat().st_size > 1000
+    # the pretrained models explained by evaluate-pretrain: seq2seq alignments and SHAP,
+    # GPT and BERT attention maps
+    assert "- seq2seq: 2 test sources in `reports/explain/seq2seq/` (alignment maps" in report
+    assert "<html>" in (project / "reports/explain/seq2seq/shap.html").read_text()[:200]
+    assert (project / "reports/explain/seq2seq/alignment_1.png").stat().st_size > 1000
+    explained = json.loads((project / "reports/metrics/explain/seq2seq.json").read_text())
+    assert explained["additivity_max_error"] < 1e-3
+    for run in ("gpt", "bert"):
+        assert (project / f"reports/explain/{run}/attention_1.png").stat().st_size > 1000
 
     # nothing changed: a second flow run refreshes the source snapshot and skips every stage;
     # `dvc repro` has nothing to do; the champions stay
@@ -151,8 +160,11 @@ def test_tiny_pipeline_runs_every_family_end_to_end_then_reruns_only_what_change
 
     # an override from a flow parameter reaches the stages that read it, for this run only
     fourth = pipeline(root=str(project), overrides={"explain.n_examples": 1})
+    explaining = {"explain@gpt-cls", "explain@bert-cls", "explain@bert-tag",
+                  "evaluate-pretrain@gpt", "evaluate-pretrain@bert", "evaluate-pretrain@seq2seq"}
     assert sorted(o.stage for o in fourth if o.status == "ran") == sorted(
-        ["source@stdlib", "explain@gpt-cls", "explain@bert-cls", "explain@bert-tag"])
-    assert json.loads((project / "reports/metrics/explain/bert-cls.json").read_text())["n_examples"] == 1
+        {"source@stdlib", *explaining})
+    for run in ("bert-cls", "seq2seq"):
+        assert json.loads((project / f"reports/metrics/explain/{run}.json").read_text())["n_examples"] == 1
     assert (project / "params.yaml").read_text() == original
-    assert dvc_status(project) == {"explain@gpt-cls", "explain@bert-cls", "explain@bert-tag"}
+    assert dvc_status(project) == explaining
