@@ -1,5 +1,4 @@
 # `make pipeline` and `make test` each set up .venv on first use (from requirements.lock).
-# --no-compile: Python byte-compiles the modules a stage imports on first use, not all 20,000.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -30,7 +29,7 @@ install: $(STAMP)
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/python -m pip install --quiet --no-compile -r requirements.lock 2>&1 | grep -v '^WARNING: Location' ; test $${PIPESTATUS[0]} -eq 0
+	$(BIN)/python -m pip install --quiet -r requirements.lock 2>&1 | grep -v '^WARNING: Location' ; test $${PIPESTATUS[0]} -eq 0
 	$(BIN)/python -m pip install --quiet --no-deps -e . 2>&1 | grep -v '^WARNING: Location' ; test $${PIPESTATUS[0]} -eq 0
 	touch $(STAMP)
 
