@@ -152,9 +152,9 @@ def figure(translator: Any, src_ids: list[int], target: list[int],
 def shap_values(translator: Any, sources: list[str], outputs: list[list[int]], max_evals: int,
                 seed: int) -> list[Any]:
     """One shap Explanation per source: (source tokens, output tokens + EOS)."""
-    import shap
+    from bigmodel.tasks.seq_cls import ShapTokenizer, import_shap
 
-    from bigmodel.tasks.seq_cls import ShapTokenizer
+    shap = import_shap()
 
     masker = shap.maskers.Text(ShapTokenizer(translator.tok), mask_token="",
                                collapse_mask_token=False)
@@ -200,7 +200,9 @@ def deletion_scores(translator: Any, values: list[Any], sources: list[str],
 
 def write_html(values: list[Any], sources: list[str], references: list[str], translator: Any,
                outputs: list[list[int]], path: Path) -> None:
-    import shap
+    from bigmodel.tasks.seq_cls import import_shap
+
+    shap = import_shap()
 
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>SHAP explanations</title>"
              "</head><body><h1>SHAP: source tokens → log-probability of each output token</h1>"

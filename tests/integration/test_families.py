@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from bigmodel.data import conll
 from bigmodel.models import registry
@@ -117,3 +118,13 @@ def test_a_seq2seq_model_learns_a_small_parallel_text_and_is_scored_by_sacrebleu
     train_de = (PARALLEL / "train.de").read_text().splitlines()
     out = bigmodel(tmp_path, "translate", "--name", "mt", "--source", train_en[0]).stdout
     assert out.strip() == train_de[0]
+
+    # the same trainer under DDP: two gloo processes, rank 0 alone logs, saves and registers
+    ddp = bigmodel(tmp_path, "pretrain", "--name", "mt", "--nproc", "2",
+                   "--set", "pretrain.mt.max_steps=20")
+    assert ddp.stdout.count("pretrain@mt: done") == 1
+    state = json.loads((tmp_path / "models/pretrain/mt/checkpoint/state.json").read_text())
+    assert (state["step"], state["world_size"], state["parallel"]) == (20, 2, "ddp")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert sorted(str(v.version) for v in client.search_model_versions("name='bigmodel-mt'")) \
+        == ["1", "2"]

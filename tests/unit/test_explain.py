@@ -118,3 +118,14 @@ def test_a_pretrained_backbone_explains_with_attention_maps_of_test_documents(ti
     assert metrics == {"n_examples": 2}
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["attention_0.png",
                                                                   "attention_1.png"]
+
+
+def test_shap_is_imported_with_numbas_jit_off_unless_the_environment_says_otherwise(monkeypatch):
+    import os
+
+    monkeypatch.delenv("NUMBA_DISABLE_JIT", raising=False)
+    seq_cls.import_shap()
+    assert os.environ["NUMBA_DISABLE_JIT"] == "1"
+    monkeypatch.setenv("NUMBA_DISABLE_JIT", "0")
+    seq_cls.import_shap()
+    assert os.environ["NUMBA_DISABLE_JIT"] == "0"
