@@ -53,19 +53,36 @@ def figure(model: nn.Module, backbone: nn.Module, tok: Tokenizer, ids: np.ndarra
     labels = token_labels(tok, ids[0, : int(lengths[0])])
     panels = [*[(f"layer {i} (mean of heads)", m) for i, m in enumerate(layer_maps)],
               ("attention rollout", rollout(layer_maps))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
+    ticks = labels if len(labels) <= 40 else []
+    heatmaps(panels, ticks, ticks, "key", "query", (4.2 * len(panels), 4.6), path)
+    return layer_maps
+
+
+def heatmaps(panels: list[tuple[str, np.ndarray]], xs: list[str], ys: list[str], xlabel: str,
+             ylabel: str, size: tuple[float, float], path: Path, aspect: str = "equal") -> None:
+    """Titled maps side by side in one PNG, columns labelled `xs` and rows `ys` (none if empty)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=size, squeeze=False)
     for ax, (title, m) in zip(axes[0], panels):
-        ax.imshow(m, cmap="viridis", vmin=0, vmax=max(float(m.max()), 1e-6))
+        ax.imshow(m, cmap="viridis", vmin=0, vmax=max(float(m.max()), 1e-6), aspect=aspect)
         ax.set_title(title, fontsize=9)
-        if len(labels) <= 40:
-            ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
-            ax.set_yticks(range(len(labels)), labels, fontsize=6)
-        ax.set_xlabel("key")
-        ax.set_ylabel("query")
+        if xs:
+            ax.set_xticks(range(len(xs)), xs, rotation=90, fontsize=6)
+            ax.set_yticks(range(len(ys)), ys, fontsize=6)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=90)
     plt.close(fig)
-    return layer_maps
+
+
+def explain_run(params: Any, name: str, out: Path) -> tuple[dict[str, float], str]:
+    """`explain_pretrained` of pretrain run `name` on its test token split (GPT and BERT)."""
+    from bigmodel.text import shards
+
+    cfg = params.explain
+    return explain_pretrained(params.path("pretrain", name),
+                              shards.load_split(params.path("tokens", name), "test"),
+                              out, cfg.n_examples, cfg.max_len)
 
 
 def explain_pretrained(model_dir: Path, split: Any, out: Path, n_examples: int,

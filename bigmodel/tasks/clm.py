@@ -226,7 +226,4 @@ def explain_pretrained(params: Any, name: str, out: Path) -> tuple[dict[str, flo
     """Attention maps of the first test documents (the evaluate-pretrain stage's explanation)."""
     from bigmodel.tasks import attention
 
-    cfg = params.explain
-    return attention.explain_pretrained(params.path("pretrain", name),
-                                        shards.load_split(params.path("tokens", name), "test"),
-                                        out, cfg.n_examples, cfg.max_len)
+    return attention.explain_run(params, name, out)

@@ -22,15 +22,11 @@ import html
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import pandas as pd
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-from bigmodel.tasks.attention import token_labels  # noqa: E402
+from bigmodel.tasks.attention import heatmaps, token_labels  # sets matplotlib's Agg backend
 
 DELETE_FRACTION = 0.2  # of a source's tokens, removed for the deletion check
 
@@ -135,18 +131,8 @@ def figure(translator: Any, src_ids: list[int], target: list[int],
     cfg = translator.model.cfg
     xs = token_labels(translator.tok, np.asarray(src_ids))
     ys = token_labels(translator.tok, np.asarray([*target, cfg.eos_id]))
-    fig, axes = plt.subplots(1, len(maps), figsize=(0.16 * len(xs) * len(maps) + 3,
-                                                    0.16 * len(ys) + 2.5), squeeze=False)
-    for ax, (title, m) in zip(axes[0], maps):
-        ax.imshow(m, cmap="viridis", vmin=0, vmax=max(float(m.max()), 1e-6), aspect="auto")
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks(range(len(xs)), xs, rotation=90, fontsize=6)
-        ax.set_yticks(range(len(ys)), ys, fontsize=6)
-        ax.set_xlabel("source token")
-        ax.set_ylabel("output token")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=90)
-    plt.close(fig)
+    heatmaps(maps, xs, ys, "source token", "output token",
+             (0.16 * len(xs) * len(maps) + 3, 0.16 * len(ys) + 2.5), path, aspect="auto")
 
 
 def shap_values(translator: Any, sources: list[str], outputs: list[list[int]], max_evals: int,
