@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      model_validator)
 
 from bigmodel.errors import BigModelError
 
@@ -85,11 +86,13 @@ class HFSource(Section):
 
 
 class DataRun(Section):
-    """One dataset: a pretraining corpus and the labelled tasks it carries. The built-in one
-    (the Python stdlib) carries a sequence-classification task (docstring → package family),
-    a token-classification task (the names in a line of code → what they denote) and a
-    sequence-to-sequence task (a function's code → its docstring's summary line)."""
+    """One dataset: a pretraining corpus and the labelled tasks it carries. The built-in text
+    one (the Python stdlib) carries a sequence-classification task (docstring → package
+    family), a token-classification task (the names in a line of code → what they denote) and
+    a sequence-to-sequence task (a function's code → its docstring's summary line). A data run
+    of kind image is an ImageDataRun."""
 
+    kind: Literal["text"] = "text"
     source: Literal["builtin", "files", "hf"] = "builtin"
     files: FilesSource = FilesSource()
     hf: HFSource = HFSource()
@@ -153,16 +156,77 @@ class DataRun(Section):
             {"seq2seq"} if self.hf.source_column else set())
 
 
+class ImageFiles(Section):
+    # PNG / JPEG files, each in a folder named after its class: "data/raw/pets/*/*.jpg"
+    glob: str = ""
+    # or the user's fixed split, kept as given: {train: "pets/train/*/*", val: ..., test: ...}
+    splits: dict[Literal["train", "val", "test"], str] = {}
+
+
+class ImageHF(Section):
+    name: str = ""  # hub id, or a local folder (`save_to_disk`, or an imagefolder layout)
+    config: str | None = None
+    revision: str | None = None
+    split: str = "train"  # the rows split into train / val / test (unless it has those splits)
+    image_column: str = "image"  # a datasets Image feature (or PNG / JPEG bytes)
+    label_column: str = "label"  # a ClassLabel (its names are the labels) or strings
+
+
+class ImageDataRun(Section):
+    """A data run of images with one task, image classification. The built-in one is
+    scikit-learn's 1,797 handwritten digits (8 × 8, gray: shipped inside the package, so no
+    download); files are an image folder (one subfolder per class); hf an image dataset.
+    `prepare` decodes every image once into uint8 pixel rows; unreadable files are counted."""
+
+    kind: Literal["image"] = "image"
+    source: Literal["builtin", "files", "hf"] = "builtin"
+    files: ImageFiles = ImageFiles()
+    hf: ImageHF = ImageHF()
+    size: int = Field(0, ge=0, le=1024)  # every image resized to size × size; 0: the source's own
+    # (the digits: 8; files and hf: 32)
+    color: Literal["auto", "gray", "rgb"] = "auto"  # auto: gray for the digits, else rgb
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    max_per_class: int = Field(0, ge=0)  # cap of *training* images per class (0: none)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ImageDataRun":
+        if self.source == "files" and not (self.files.glob or self.files.splits):
+            raise ValueError("source 'files' needs files.glob (or files.splits)")
+        if self.files.glob and self.files.splits:
+            raise ValueError("files.glob and files.splits exclude each other")
+        if self.files.splits and set(self.files.splits) != set(SPLIT_NAMES):
+            raise ValueError(f"files.splits needs a glob for each of train, val, test "
+                             f"(got {', '.join(sorted(self.files.splits))})")
+        if self.source == "hf" and not self.hf.name:
+            raise ValueError("source 'hf' needs hf.name")
+        return self
+
+    def tasks(self) -> set[str]:
+        return {"image_cls"}
+
+
+def _data_kind(value: Any) -> str:
+    return (value.get("kind", "text") if isinstance(value, dict) else getattr(value, "kind", "text"))
+
+
+DataSpec = Annotated[Union[Annotated[DataRun, Tag("text")], Annotated[ImageDataRun, Tag("image")]],
+                     Discriminator(_data_kind)]
+DATA_KINDS: dict[str, type[Section]] = {"text": DataRun, "image": ImageDataRun}
+
+
 # --- tokenizer runs -------------------------------------------------------------------------
 
 class TokenizerRun(Section):
     # bpe: byte-level BPE (GPT); wordpiece: BERT's, with [CLS] [SEP] [MASK] [PAD] [UNK];
-    # char: one token per character of the train split (nanoGPT's setup)
-    kind: Literal["bpe", "wordpiece", "char"] = "bpe"
+    # char: one token per character of the train split (nanoGPT's setup); image: the image
+    # processor (the picture side, fitted on train images: their size, channels and the
+    # per-channel mean and spread a ResNet normalises its input with)
+    kind: Literal["bpe", "wordpiece", "char", "image"] = "bpe"
     data: str = "stdlib"  # the data run whose train split it is trained on
-    # which text of it: pretrain (the documents) | seq2seq (both sides of the pairs: a joint
-    # vocabulary for source and target)
-    text: Literal["pretrain", "seq2seq"] = "pretrain"
+    # which table of it: pretrain (the documents) | seq2seq (both sides of the pairs: a joint
+    # vocabulary for source and target) | image_cls (the images of an image data run)
+    text: Literal["pretrain", "seq2seq", "image_cls"] = "pretrain"
     vocab_size: int = Field(4096, ge=260, le=1 << 20)  # bpe / wordpiece
     min_frequency: int = Field(2, ge=1)
     # bpe: what merges never cross. bytelevel: GPT-2's words, each with the space before it;
@@ -175,6 +239,9 @@ class TokenizerRun(Section):
         if self.pieces != "bytelevel" and self.kind != "bpe":
             raise ValueError(f"pieces: {self.pieces} is a bpe setting; a {self.kind} tokenizer "
                              "has its own pre-tokenizer (leave pieces at bytelevel)")
+        if (self.kind == "image") != (self.text == "image_cls"):
+            raise ValueError("kind 'image' and text 'image_cls' go together (an image processor "
+                             "is fitted on the images of an image data run)")
         return self
 
 
@@ -201,14 +268,10 @@ class Optim(Section):
     compile: bool = False
 
 
-class PretrainBase(Optim):
-    corpus: str = "stdlib"  # the data run whose pretraining text it trains on
-    n_layer: int = Field(4, ge=1)
-    n_head: int = Field(4, ge=1)
-    n_embd: int = Field(128, ge=8)
-    block_size: int = Field(128, ge=8)
-    lr: float = Field(3e-3, gt=0, le=1)
-    min_lr: float = Field(3e-4, ge=0, le=1)
+class Loop(Optim):
+    """What every pretraining run has: its data, its length, its logging and checkpoints."""
+
+    corpus: str = "stdlib"  # the data run it trains on
     max_steps: int = Field(600, ge=1)
     eval_interval: int = Field(100, ge=1)
     eval_batches: int = Field(20, ge=1)
@@ -218,6 +281,17 @@ class PretrainBase(Optim):
     # optimizer state sharded over the processes, for a model that does not fit one device).
     # One process ignores it.
     parallel: Literal["ddp", "fsdp"] = "ddp"
+
+
+class PretrainBase(Loop):
+    """A transformer's shape."""
+
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_embd: int = Field(128, ge=8)
+    block_size: int = Field(128, ge=8)
+    lr: float = Field(3e-3, gt=0, le=1)
+    min_lr: float = Field(3e-4, ge=0, le=1)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "PretrainBase":
@@ -292,30 +366,111 @@ class Seq2SeqPretrain(PretrainBase):
     max_len_b: int = Field(10, ge=1)
 
 
-PretrainRun = Annotated[Union[GPTPretrain, BERTPretrain, Seq2SeqPretrain],
+class Augment(Section):
+    """Augmentation of image batches, in torch on the device, from the sampler's seeded
+    generator (so a resumed run draws the same crops and flips)."""
+
+    crop_padding: int = Field(1, ge=0)  # random crop back to size after padding by this (0: off)
+    flip: bool = False  # random horizontal flips: for photos, not for digits or text
+
+
+class ImageModel(Section):
+    """What a ResNet run and an image finetune share: the label set and how images are fed."""
+
+    classes: list[str] = []  # the labels it is trained on (the others' images are left out); []: all
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: Augment = Augment()
+
+
+class ResNetPretrain(Loop, ImageModel):
+    """A ResNet (He et al., 2015) trained to classify the images of a data run of kind image:
+    the vision side's pretraining, whose backbone a finetune run takes to another label set."""
+
+    family: Literal["resnet"] = "resnet"
+    objective: Literal["image_cls"] = "image_cls"
+    corpus: str = "digits"
+    tokenizer: str = "pixels"  # an image processor run (tokenizer kind: image)
+    # resnet18 | resnet34 | resnet50 (the ImageNet networks: block and layers from the paper);
+    # empty: block and layers below
+    preset: Literal["", "resnet18", "resnet34", "resnet50"] = ""
+    block: Literal["basic", "bottleneck"] = "basic"
+    layers: list[int] = Field(default_factory=lambda: [1, 1, 1], min_length=1, max_length=6)
+    width: int = Field(16, ge=4)  # channels of the first stage; each next stage doubles them
+    stem: Literal["small", "imagenet"] = "small"  # small: 3×3 conv, no pooling (small images)
+    batch_size: int = Field(64, ge=1)
+    max_steps: int = Field(300, ge=1)
+    lr: float = Field(3e-3, gt=0, le=1)
+    min_lr: float = Field(3e-4, ge=0, le=1)
+    warmup_steps: int = Field(30, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    eval_interval: int = Field(50, ge=1)
+
+    @model_validator(mode="after")
+    def _no_fsdp(self) -> "ResNetPretrain":
+        if self.parallel == "fsdp":
+            raise ValueError("parallel = 'fsdp' shards transformer blocks; a ResNet this size "
+                             "fits one device: use parallel: ddp")
+        if any(n < 1 for n in self.layers):
+            raise ValueError(f"layers {self.layers}: every stage needs at least one block")
+        return self
+
+
+PretrainRun = Annotated[Union[GPTPretrain, BERTPretrain, Seq2SeqPretrain, ResNetPretrain],
                         Field(discriminator="family")]
-FAMILY_RUNS: dict[str, type[PretrainBase]] = {"gpt": GPTPretrain, "bert": BERTPretrain,
-                                              "seq2seq": Seq2SeqPretrain}
+FAMILY_RUNS: dict[str, type[Loop]] = {"gpt": GPTPretrain, "bert": BERTPretrain,
+                                      "seq2seq": Seq2SeqPretrain, "resnet": ResNetPretrain}
 # which tokenizer kinds a family can read: BERT needs [CLS] [SEP] [MASK]; GPT an end-of-text
-# token; the encoder-decoder <|bos|> and <|endoftext|>
-FAMILY_TOKENIZERS = {"gpt": ("bpe", "char"), "bert": ("wordpiece",), "seq2seq": ("bpe", "char")}
+# token; the encoder-decoder <|bos|> and <|endoftext|>; a ResNet an image processor
+FAMILY_TOKENIZERS = {"gpt": ("bpe", "char"), "bert": ("wordpiece",), "seq2seq": ("bpe", "char"),
+                     "resnet": ("image",)}
 
 
-class FinetuneRun(Optim):
+class FinetuneBase(Optim):
     base: str  # the pretrain run whose model it starts from
-    task: Literal["seq_cls", "token_cls"] = "seq_cls"
     data: str = "stdlib"  # the data run whose labelled set (for `task`) it trains on
     epochs: int = Field(3, ge=1)
-    # how token states become one vector (seq_cls): the [CLS] state, the mean over real
-    # tokens, or the last real token's; auto: cls for BERT, mean for GPT
-    pooling: Literal["auto", "cls", "mean", "last"] = "auto"
-    max_len: int = Field(128, ge=4)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0, le=1)
     min_lr: float = Field(1e-4, ge=0, le=1)
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class ImageFinetune(FinetuneBase, ImageModel):
+    """A pretrained ResNet's backbone with a new classifier for this run's label set."""
+
+    task: Literal["image_cls"] = "image_cls"
+    data: str = "digits"
+    freeze_backbone: bool = False  # true: only the new classifier trains (a linear probe)
+    backbone_lr_scale: float = Field(1.0, gt=0, le=1)  # the backbone's LR is lr × this
+    from_scratch: bool = False  # the base's architecture with fresh weights: the no-transfer control
+    max_per_class: int = Field(0, ge=0)  # train on at most this many images a class (0: all)
+    epochs: int = Field(15, ge=1)
+    lr: float = Field(3e-3, gt=0, le=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class FinetuneRun(FinetuneBase):
+    task: Literal["seq_cls", "token_cls"] = "seq_cls"
+    # how token states become one vector (seq_cls): the [CLS] state, the mean over real
+    # tokens, or the last real token's; auto: cls for BERT, mean for GPT
+    pooling: Literal["auto", "cls", "mean", "last"] = "auto"
+    max_len: int = Field(128, ge=4)
+
+
+def _finetune_kind(value: Any) -> str:
+    task = value.get("task", "seq_cls") if isinstance(value, dict) else getattr(value, "task", "")
+    return "image" if task == "image_cls" else "text"
+
+
+# A finetune run's keys follow its task: an image classifier's are not a text one's. (The text
+# side defaults to seq_cls, so a run without a task still validates as one.)
+FinetuneSpec = Annotated[Union[Annotated[FinetuneRun, Tag("text")],
+                               Annotated[ImageFinetune, Tag("image")]],
+                         Discriminator(_finetune_kind)]
+FINETUNE_KINDS: dict[str, type[FinetuneBase]] = {"text": FinetuneRun, "image": ImageFinetune}
 
 
 class Evaluate(Section):
@@ -344,28 +499,37 @@ class Promote(Section):
 
 def _default_tokenizers() -> dict[str, TokenizerRun]:
     return {"bpe": TokenizerRun(kind="bpe"), "wordpiece": TokenizerRun(kind="wordpiece"),
-            "joint": TokenizerRun(kind="bpe", text="seq2seq", pieces="code", vocab_size=2048)}
+            "joint": TokenizerRun(kind="bpe", text="seq2seq", pieces="code", vocab_size=2048),
+            "pixels": TokenizerRun(kind="image", data="digits", text="image_cls")}
 
 
-def _default_finetunes() -> dict[str, FinetuneRun]:
+def _default_finetunes() -> dict[str, FinetuneRun | ImageFinetune]:
     return {
         "gpt-cls": FinetuneRun(base="gpt", task="seq_cls", pooling="mean", epochs=2),
         "bert-cls": FinetuneRun(base="bert", task="seq_cls", pooling="cls"),
         "bert-tag": FinetuneRun(base="bert", task="token_cls", epochs=2, max_len=64),
+        "resnet-cls": ImageFinetune(base="resnet"),
     }
+
+
+# The built-in images: the backbone learns digits 0-4; the finetune run takes it to all ten
+# (a new classifier; five of its classes the backbone never saw)
+DIGITS_PRETRAIN = ["0", "1", "2", "3", "4"]
 
 
 class Params(Section):
     seed: int = 1337
     paths: Paths = Paths()
     tracking: Tracking = Tracking()
-    data: dict[str, DataRun] = Field(default_factory=lambda: {"stdlib": DataRun()})
+    data: dict[str, DataSpec] = Field(default_factory=lambda: {
+        "stdlib": DataRun(), "digits": ImageDataRun()})
     tokenizer: dict[str, TokenizerRun] = Field(default_factory=_default_tokenizers)
     tokenize: Tokenize = Tokenize()
     pretrain: dict[str, PretrainRun] = Field(
         default_factory=lambda: {"gpt": GPTPretrain(), "bert": BERTPretrain(),
-                                 "seq2seq": Seq2SeqPretrain()})
-    finetune: dict[str, FinetuneRun] = Field(default_factory=_default_finetunes)
+                                 "seq2seq": Seq2SeqPretrain(),
+                                 "resnet": ResNetPretrain(classes=DIGITS_PRETRAIN)})
+    finetune: dict[str, FinetuneSpec] = Field(default_factory=_default_finetunes)
     evaluate: Evaluate = Evaluate()
     explain: Explain = Explain()
     promote: Promote = Promote()
@@ -391,6 +555,9 @@ class Params(Section):
             if kind not in allowed:
                 raise ValueError(f"pretrain.{name}.tokenizer = {run.tokenizer!r} is a {kind} "
                                  f"tokenizer; a {run.family} model reads {' or '.join(allowed)}")
+            if run.family == "resnet" and "image_cls" not in self.data[run.corpus].tasks():
+                raise ValueError(f"pretrain.{name}.corpus = {run.corpus!r} is a text data run; a "
+                                 f"ResNet trains on images (a data run with kind: image)")
             if run.family == "seq2seq":
                 text = self.tokenizer[run.tokenizer].text
                 if text != "seq2seq":
@@ -401,6 +568,10 @@ class Params(Section):
                     raise ValueError(f"pretrain.{name}.corpus = {run.corpus!r} has no (source, "
                                      f"target) pairs (see the README: parallel text)")
         for name, tok in self.tokenizer.items():
+            if (tok.kind == "image") != (self.data[tok.data].kind == "image"):
+                raise ValueError(f"tokenizer.{name}: a {tok.kind} tokenizer on data run "
+                                 f"{tok.data!r} of kind {self.data[tok.data].kind}: images take "
+                                 f"an image processor (kind: image), text the others")
             if tok.text == "seq2seq" and "seq2seq" not in self.data[tok.data].tasks():
                 raise ValueError(f"tokenizer.{name}.text = 'seq2seq': data run {tok.data!r} has "
                                  f"no (source, target) pairs")
@@ -411,7 +582,14 @@ class Params(Section):
                 has = ", ".join(sorted(self.data[ft.data].tasks())) or "none"
                 raise ValueError(f"finetune.{name}.task = {ft.task!r}: data run {ft.data!r} has "
                                  f"no such labelled set (it has: {has})")
-            block = self.pretrain[ft.base].block_size
+            image_base = self.pretrain[ft.base].family == "resnet"
+            if image_base != (ft.task == "image_cls"):
+                raise ValueError(f"finetune.{name}: task {ft.task!r} on pretrain.{ft.base}, a "
+                                 f"{self.pretrain[ft.base].family} model: image_cls finetunes a "
+                                 f"ResNet, and a ResNet finetunes to image_cls only")
+            if isinstance(ft, ImageFinetune):
+                continue
+            block = self.pretrain[ft.base].block_size  # type: ignore[union-attr]
             if ft.max_len > block:
                 raise ValueError(f"finetune.{name}.max_len ({ft.max_len}) exceeds the block_size "
                                  f"of pretrain.{ft.base} ({block})")
@@ -573,7 +751,7 @@ def validate(raw: dict[str, Any], source: str = "params") -> Params:
         raise BigModelError(f"{source}: {_describe(e.errors()[0], raw)}") from None
 
 
-RUN_SECTIONS = {"data": DataRun, "tokenizer": TokenizerRun, "finetune": FinetuneRun}
+RUN_SECTIONS = {"tokenizer": TokenizerRun}
 
 
 def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
@@ -581,8 +759,10 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if not loc:  # a check across sections: its message names the keys
         return msg
-    if len(loc) >= 3 and loc[0] == "pretrain" and loc[2] in FAMILY_RUNS:
-        del loc[2]  # the union's tag (the family), not a key the user wrote
+    if len(loc) >= 3 and ((loc[0] == "pretrain" and loc[2] in FAMILY_RUNS)
+                          or (loc[0] == "finetune" and loc[2] in FINETUNE_KINDS)
+                          or (loc[0] == "data" and loc[2] in DATA_KINDS)):
+        del loc[2]  # the union's tag (the family, the kind of task), not a key the user wrote
     key = ".".join(loc) or "(top level)"
     if err["type"] == "union_tag_not_found":
         return f"{key}.family: missing (one of {', '.join(FAMILY_RUNS)})"
@@ -610,6 +790,11 @@ def _fields_at(loc: list[str], raw: dict[str, Any]) -> list[str]:
     elif loc and loc[0] == "pretrain" and len(loc) >= 2:
         family = (raw.get("pretrain") or {}).get(loc[1], {}).get("family", "gpt")
         model, rest = FAMILY_RUNS.get(family, GPTPretrain), loc[2:]
+    elif loc and loc[0] == "data" and len(loc) >= 2:
+        model, rest = DATA_KINDS[_data_kind((raw.get("data") or {}).get(loc[1], {}))], loc[2:]
+    elif loc and loc[0] == "finetune" and len(loc) >= 2:
+        run = (raw.get("finetune") or {}).get(loc[1], {})
+        model, rest = FINETUNE_KINDS[_finetune_kind(run)], loc[2:]
     for part in rest:
         annotation = model.model_fields[part].annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):

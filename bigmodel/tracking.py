@@ -135,6 +135,7 @@ class StageRun:
                 f"tokenizers=={tokenizers.__version__}",
                 f"safetensors=={safetensors.__version__}",
                 f"pandas=={pd.__version__}",
+                f"pillow=={_version('pillow')}",
                 f"pydantic=={_version('pydantic')}",
                 f"pyyaml=={_version('pyyaml')}",
                 f"scikit-learn=={_version('scikit-learn')}",

@@ -1,5 +1,9 @@
 """Stage `finetune@<run>`: the run's pretrained base (any family) + a task head, trained on the
-labelled set its task names (`seq_cls_*` or `token_cls_*` of its data run).
+labelled set its task names (`seq_cls_*` or `token_cls_*` of its data run). An image_cls run
+takes a pretrained ResNet to its own label set (`classes`): a new classifier, the backbone
+trained at a lower LR (`backbone_lr_scale`), frozen (`freeze_backbone`: a linear probe), or
+started afresh in the same shape (`from_scratch`: the control that transfer is measured
+against).
 
 Output: `models/finetune/<run>/` model.safetensors, config.json (family, task, architecture,
 labels, max_len, pooling) and tokenizer.json, from the epoch with the best val score — a
@@ -54,17 +58,29 @@ def run(params: Params, name: str) -> str:
     prepared = params.path("data", spec.data) / "prepared"
     train_t, val_t = (read_split(prepared, spec.task, s, name) for s in ("train", "val"))
     backbone, info = registry.load_backbone(pre_dir, dropout=spec.dropout)
-    tok = load_tokenizer(pre_dir / "tokenizer.json")
-    check_tokenizer(pre_dir, info)
-    pooling = resolve_pooling(spec.pooling, info["family"], name)
     objective_mod = importlib.import_module(f"bigmodel.objectives.{spec.task}")
-    labels = objective_mod.labels_of(train_t)
-    head_info = {"task": spec.task, "labels": labels, "max_len": spec.max_len, "pooling": pooling,
-                 "base": spec.base, "tokenizer_sha256": info.get("tokenizer_sha256", "")}
-    model = heads.with_head(backbone, head_info, spec.dropout)
+    lr_scale = None
+    if spec.task == "image_cls":
+        inputs, tok = "processor.json", None
+        model, labels, head_info, lr_scale = image_model(backbone, info, spec, name, train_t)
+        train_t, val_t = (t[t["label"].isin(labels)] for t in (train_t, val_t))
+        if spec.max_per_class:  # a seeded pick of each class's images (few-shot)
+            train_t = (train_t.groupby("label", group_keys=False)
+                       .apply(lambda g: g.sample(min(len(g), spec.max_per_class),
+                                                 random_state=params.seed)))
+    else:
+        inputs, tok = "tokenizer.json", load_tokenizer(pre_dir / "tokenizer.json")
+        check_tokenizer(pre_dir, info)
+        pooling = resolve_pooling(spec.pooling, info["family"], name)
+        labels = objective_mod.labels_of(train_t)
+        head_info = {"task": spec.task, "labels": labels, "max_len": spec.max_len,
+                     "pooling": pooling, "base": spec.base,
+                     "tokenizer_sha256": info.get("tokenizer_sha256", "")}
+        model = heads.with_head(backbone, head_info, spec.dropout)
 
     steps_per_epoch = math.ceil(len(train_t) / (spec.batch_size * spec.grad_accum))
-    trainer = Trainer(model, spec, spec.epochs * steps_per_epoch, label=f"finetune@{name}")
+    trainer = Trainer(model, spec, spec.epochs * steps_per_epoch, label=f"finetune@{name}",
+                      lr_scale=lr_scale)
     objective = objective_mod.make(spec, train_t, val_t, tok, labels, params.seed, trainer.device)
     best = BestEpoch(model, objective.select)
 
@@ -84,27 +100,54 @@ def run(params: Params, name: str) -> str:
             tokens_per_step=objective.units_per_step, unit=objective.unit,
         )
         metrics = best.restore()
-        arch = registry.arch_config(info["family"], {**info["arch"], "dropout": 0.0})
+        arch = registry.arch_config(info["family"], {**info["arch"], "dropout": 0.0,
+                                                     **getattr(model, "cfg_overrides", {})})
         with atomic_path(out) as tmp:
             registry.save(model.to("cpu"), tmp, info["family"], spec.task, arch, head_info)
-            shutil.copy(pre_dir / "tokenizer.json", tmp / "tokenizer.json")
+            shutil.copy(pre_dir / inputs, tmp / inputs)
         metrics.update(best_epoch=metrics.pop("epoch"), seconds=result.seconds, epochs=spec.epochs)
         write_json(params.metrics_file("finetune", name), metrics)
         history.write_csv(params.plot_file("finetune", name),
                           ["train_loss", *[k for k in metrics if k.startswith("val_")]])
         mlrun.artifact(params.plot_file("finetune", name), "plots")
         registered = params.registered_name(name)
-        version = register(mlrun, out, registered, example_texts(val_t))
+        version = register(mlrun, out, registered, example_texts(val_t) if tok else None)
     return (f"{objective.select} {metrics[objective.select]:.3f} (best of {spec.epochs} epochs: "
             f"{metrics['best_epoch']:.0f}); registered {registered} v{version}")
 
 
-def register(mlrun: tracking.StageRun, out: Path, registered: str, example: list[str]) -> str:
+def image_model(backbone: torch.nn.Module, info: dict[str, Any], spec: Any, name: str,
+                train: pd.DataFrame) -> tuple[torch.nn.Module, list[str], dict[str, Any], Any]:
+    """A pretrained ResNet with a fresh classifier for the run's classes (fresh weights all
+    through with from_scratch; its backbone frozen with freeze_backbone), and the learning-rate
+    scale of each parameter (the backbone's: backbone_lr_scale)."""
+    from bigmodel.data.images import selected_labels
+
+    labels = selected_labels(train, spec.classes, f"finetune.{name}.classes")
+    if spec.from_scratch:
+        seed_everything(0)  # the same fresh network whatever ran before
+        backbone = registry.build(info["family"], {**info["arch"], "dropout": spec.dropout})
+    backbone.reset_head(len(labels))
+    backbone.freeze_backbone(spec.freeze_backbone)
+    backbone.cfg_overrides = {"n_classes": len(labels)}  # what config.json must say of it
+    head_info = {"task": spec.task, "labels": labels, "base": spec.base,
+                 "from_scratch": spec.from_scratch,
+                 "processor_sha256": info.get("processor_sha256", "")}
+    scale = spec.backbone_lr_scale
+
+    def lr_scale(param_name: str) -> float:
+        return 1.0 if param_name.startswith("fc.") else scale
+
+    return backbone, labels, head_info, lr_scale
+
+
+def register(mlrun: tracking.StageRun, out: Path, registered: str, example: list[str] | None) -> str:
     from bigmodel import serving
 
     with tempfile.TemporaryDirectory() as d:  # the logged copy holds the model files only
-        for file in ("model.safetensors", "config.json", "tokenizer.json"):
-            shutil.copy(out / file, Path(d) / file)
+        for file in ("model.safetensors", "config.json", "tokenizer.json", "processor.json"):
+            if (out / file).is_file():
+                shutil.copy(out / file, Path(d) / file)
         version = serving.log_model(mlrun, Path(d), registered, example)
     write_json(out / "registry.json", {"name": registered, "version": version, "run_id": mlrun.run_id})
     return version

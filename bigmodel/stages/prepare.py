@@ -6,7 +6,10 @@ Outputs (in `data/<run>/prepared/`):
     seq_cls_{train,val,test}.parquet    text, label, group   (when the source has labels)
     token_cls_{train,val,test}.parquet  tokens, tags, group  (when it has tagged sentences)
     seq2seq_{train,val,test}.parquet    source, target, group (when it has pairs)
-    manifest.json                       rows, bytes, class / tag balance, sha256 of every file
+    image_cls_{train,val,test}.parquet  pixels, label, group, channels (a data run of images)
+    manifest.json                       rows, bytes, class / tag balance, sha256 of every file;
+                                        for images: their shape, the train split's per-channel
+                                        mean and std, and the files that could not be read
 A user's fixed split (a split column, one glob per split) is kept as given; otherwise whole
 groups (source files) are assigned to splits by a seeded hash, so no file spans two splits.
 """
@@ -21,7 +24,7 @@ import pandas as pd
 
 from bigmodel import tracking
 from bigmodel.config import SPLIT_NAMES, DataRun, Params
-from bigmodel.data import sources
+from bigmodel.data import images, sources
 from bigmodel.errors import BigModelError
 from bigmodel.io import atomic_path, sha256_file, write_json
 from bigmodel.stages import param_keys
@@ -31,6 +34,8 @@ SPLITS = SPLIT_NAMES
 
 def run(params: Params, name: str) -> str:
     cfg = params.data[name]
+    if cfg.kind == "image":
+        return run_images(params, name)
     with tracking.stage_run(f"prepare@{name}", params, param_keys(params, "prepare", name)) as mlrun:
         corpus = load(params, name)
         docs = clean(corpus.documents, cfg.min_chars, cfg.max_chars, collapse_spaces=False)
@@ -70,6 +75,47 @@ def run(params: Params, name: str) -> str:
     n_pairs = 0 if pairs is None else len(pairs)
     return (f"{len(docs)} documents, {n_lab} labelled texts, {n_tag} tagged sentences, "
             f"{n_pairs} pairs")
+
+
+def run_images(params: Params, name: str) -> str:
+    """Decode once, drop exact duplicates, split (the user's fixed split as given, else
+    stratified by class from a seeded hash of each image's origin), cap, write."""
+    cfg = params.data[name]
+    with tracking.stage_run(f"prepare@{name}", params, param_keys(params, "prepare", name)) as mlrun:
+        found = images.load(cfg, params.root, f"data.{name}")
+        table = images.table(found)
+        if "split" not in table:
+            where = stratified_group_split(table, params.seed, cfg.val_fraction, cfg.test_fraction)
+            table = table.assign(split=table["group"].map(where))
+        table = cap_train(table.assign(text=table["group"]), cfg.max_per_class, by="label")
+        table = table.drop(columns="text")
+        check_labelled(table, name)
+        shape = found.pixels.shape[1:]
+        out = params.path("data", name) / "prepared"
+        train = table[table["split"] == "train"]
+        mean, std = images.channel_stats(images.pixels_of(train, shape))
+        manifest: dict[str, object] = {
+            "source": found.description, "seed": params.seed, "shape": list(shape),
+            "train_mean": mean, "train_std": std, "duplicates_dropped": len(found.labels) - len(table),
+            "unreadable": {"count": found.n_unreadable, "first": found.unreadable}, "files": {}}
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            for split in SPLITS:
+                part = table[table["split"] == split].drop(columns="split").reset_index(drop=True)
+                file = f"image_cls_{split}.parquet"
+                part.to_parquet(tmp / file, index=False)
+                manifest["files"][file] = {  # type: ignore[index]
+                    "rows": len(part), "bytes": int(part["pixels"].str.len().sum()),
+                    "sha256": sha256_file(tmp / file),
+                    "classes": part["label"].value_counts().sort_index().to_dict()}
+            write_json(tmp / "manifest.json", manifest)
+        counts = {**flat_counts(manifest), "unreadable_images": found.n_unreadable}
+        write_json(params.metrics_file("prepare", name), counts)
+        mlrun.metrics(counts)
+        mlrun.artifact(out / "manifest.json")
+    unreadable = f"; {found.n_unreadable} unreadable (see manifest.json)" if found.n_unreadable else ""
+    return (f"{len(table)} images {shape[0]}×{shape[1]}×{shape[2]} in "
+            f"{table['label'].nunique()} classes{unreadable}")
 
 
 def load(params: Params, name: str) -> sources.Corpus:

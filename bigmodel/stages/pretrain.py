@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch.nn as nn
 
 from bigmodel import tracking
@@ -34,7 +35,8 @@ from bigmodel.train import distributed
 from bigmodel.train.distributed import World
 from bigmodel.train.trainer import FitResult, History, Trainer, pick_device, seed_everything
 
-OUTPUTS = ("checkpoint", "model.safetensors", "config.json", "tokenizer.json", "registry.json")
+OUTPUTS = ("checkpoint", "model.safetensors", "config.json", "tokenizer.json", "processor.json",
+           "registry.json")
 
 
 def run(params: Params, name: str, resume: bool = False) -> str:
@@ -56,17 +58,36 @@ def train(params: Params, name: str, resume: bool, world: World) -> str:
     tokens_dir, out = params.path("tokens", name), params.path("pretrain", name)
     meta = shards.read_meta(tokens_dir)
     tok_dir = params.path("tokenizer", spec.tokenizer)
-    tok = load_tokenizer(tok_dir)
-    sp = specials(tok)
-    arch = registry.arch_config(spec.family, {**spec.model_dump(), "vocab_size": meta["vocab_size"],
-                                              "pad_id": sp.pad, "bos_id": sp.bos, "eos_id": sp.eot})
+    objective_mod = importlib.import_module(f"bigmodel.objectives.{spec.objective}")
+    if meta.get("layout") == "images":  # a ResNet: the processor's shape and statistics
+        from bigmodel.data.images import selected_labels
+
+        inputs = "processor.json"
+        labels = selected_labels(pd.DataFrame({"label": meta["labels"]}), spec.classes,
+                                 f"pretrain.{name}.classes")
+        arch = registry.arch_config(spec.family, image_arch(spec, meta, len(labels)))
+        saved = {"labels": labels, "processor_sha256": meta["processor_sha256"]}
+    else:
+        inputs = "tokenizer.json"
+        tok = load_tokenizer(tok_dir)
+        sp = specials(tok)
+        arch = registry.arch_config(spec.family, {**spec.model_dump(), "vocab_size": meta["vocab_size"],
+                                                  "pad_id": sp.pad, "bos_id": sp.bos, "eos_id": sp.eot})
+        saved = {"tokenizer_sha256": sha256_file(tok_dir / "tokenizer.json")}
+        train_units = meta["splits"]["train"]["tokens"]
     model = registry.build(spec.family, arch)
     if world.rank:
         seed_everything(params.seed + world.rank)
     trainer = Trainer(model, spec, spec.max_steps, world, spec.parallel, label=f"pretrain@{name}")
-    objective = importlib.import_module(f"bigmodel.objectives.{spec.objective}").make(
-        spec, shards.load(tokens_dir, "train"), shards.load(tokens_dir, "val"),
-        specials(tok), f"pretrain.{name}", params.seed, trainer.device, world)
+    if inputs == "processor.json":
+        objective = objective_mod.make_pretrain(spec, tokens_dir, meta["labels"], labels,
+                                                f"pretrain.{name}", params.seed, trainer.device,
+                                                world)
+        train_units = len(objective.train)
+    else:
+        objective = objective_mod.make(
+            spec, shards.load(tokens_dir, "train"), shards.load(tokens_dir, "val"),
+            sp, f"pretrain.{name}", params.seed, trainer.device, world)
     ckpt = out / "checkpoint"
     if world.is_main:
         remove_partial_writes(out)
@@ -82,7 +103,7 @@ def train(params: Params, name: str, resume: bool, world: World) -> str:
 
     with main_rank_run(world, params, name) as mlrun:
         if mlrun:
-            mlrun.metrics({"n_params": model.num_params(), "train_tokens": meta["splits"]["train"]["tokens"]})
+            mlrun.metrics({"n_params": model.num_params(), f"train_{objective.unit}": train_units})
             history.sink = mlrun.metrics
         result = trainer.fit(
             objective.next_batch, objective.loss,
@@ -98,11 +119,21 @@ def train(params: Params, name: str, resume: bool, world: World) -> str:
         assert final is not None
         task = importlib.import_module(f"bigmodel.tasks.{spec.objective}")
         extra = getattr(task, "saved_config", lambda spec: {})(spec)
-        save_final(final, spec.family, spec.objective, arch, out,
-                   {"tokenizer_sha256": sha256_file(tok_dir / "tokenizer.json"), **extra})
-        with atomic_path(out / "tokenizer.json") as tmp:  # the model folder stands on its own
-            shutil.copy(tok_dir / "tokenizer.json", tmp)
+        save_final(final, spec.family, spec.objective, arch, out, {**saved, **extra})
+        with atomic_path(out / inputs) as tmp:  # the model folder stands on its own
+            shutil.copy(tok_dir / inputs, tmp)
         return publish(params, name, final, result, history, mlrun, objective.unit)
+
+
+def image_arch(spec: Any, meta: dict[str, Any], n_classes: int) -> dict[str, Any]:
+    """A ResNet's config: its shape (a preset's block and layers, or the run's own), the label
+    set, and the processor's side, channels and statistics (the model normalises itself)."""
+    from bigmodel.models.resnet import PRESETS
+
+    shape = dict(PRESETS[spec.preset]) if spec.preset else {"block": spec.block, "layers": spec.layers}
+    return {**spec.model_dump(), **shape, "n_classes": n_classes,
+            "in_channels": meta["channels"], "image_size": meta["size"], "mean": meta["mean"],
+            "std": meta["std"]}
 
 
 @contextmanager
@@ -156,8 +187,9 @@ def register(mlrun: tracking.StageRun, out: Path, registered_name: str) -> str:
     from bigmodel import serving
 
     with tempfile.TemporaryDirectory() as d:
-        for file in ("model.safetensors", "config.json", "tokenizer.json"):
-            shutil.copy(out / file, Path(d) / file)
+        for file in ("model.safetensors", "config.json", "tokenizer.json", "processor.json"):
+            if (out / file).is_file():
+                shutil.copy(out / file, Path(d) / file)
         version = serving.log_model(mlrun, Path(d), registered_name)
     write_json(out / "registry.json", {"name": registered_name, "version": version,
                                        "run_id": mlrun.run_id})

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from bigmodel import tracking
-from bigmodel.config import HFSource, Params
-from bigmodel.data import sources
+from bigmodel.config import HFSource, ImageHF, Params
+from bigmodel.data import images, sources
 from bigmodel.errors import BigModelError
 from bigmodel.io import sha256_file, write_json
 from bigmodel.stages import param_keys
@@ -41,10 +41,14 @@ def run(params: Params, name: str) -> str:
 
 def snapshot(params: Params, name: str) -> dict[str, object]:
     cfg = params.data[name]
-    if cfg.source == "builtin":
+    if cfg.kind == "image" and cfg.source == "builtin":
+        file = images.builtin_file()
+        entries = file_entries(file.parent, [file])
+        where: dict[str, object] = {"builtin": "scikit-learn digits", "file": str(file)}
+    elif cfg.source == "builtin":
         root, files = sources.builtin_files()
         entries = file_entries(root, files)
-        where: dict[str, object] = {"stdlib": str(root), "python": sys.version.split()[0]}
+        where = {"stdlib": str(root), "python": sys.version.split()[0]}
     elif cfg.source == "files":
         files = sources.matching_files(cfg.files, params.root, f"data.{name}.files")
         entries = file_entries(params.root, files)
@@ -74,7 +78,7 @@ def file_entries(root: Path, files: list[Path]) -> list[dict[str, object]]:
     return out
 
 
-def hf_entries(spec: HFSource, key: str) -> tuple[list[dict[str, object]], dict[str, object]]:
+def hf_entries(spec: HFSource | ImageHF, key: str) -> tuple[list[dict[str, object]], dict[str, object]]:
     """A local dataset folder: its files. A hub id: the commit its revision resolves to now
     (needs network; offline, the requested revision is all there is to record)."""
     if not spec.name:

@@ -1,7 +1,11 @@
 """Stage `tokenize@<pretrain run>`: encode the run's corpus with the run's tokenizer into one
 flat token file per split, or, for an objective that trains on (source, target) pairs
 (`LAYOUT = "pairs"` in its module), one file per side of the pairs (the layouts:
-bigmodel/text/shards.py)."""
+bigmodel/text/shards.py). For a ResNet run, its corpus's images as memory-mappable arrays:
+{split}_images.npy (N, H, W, C) uint8 and {split}_labels.npy (indices into meta.json's
+`labels`), checked against the run's image processor (bigmodel/data/images.py); which of the
+classes it trains on is the pretrain stage's choice (`classes`), so changing them reruns
+that stage alone."""
 
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from bigmodel.text.tokenizers import load as load_tokenizer
 def run(params: Params, name: str) -> str:
     spec = params.pretrain[name]
     prepared = params.path("data", spec.corpus) / "prepared"
+    if spec.family == "resnet":
+        return run_images(params, name, prepared)
     tok_file = params.path("tokenizer", spec.tokenizer) / "tokenizer.json"
     tok = load_tokenizer(tok_file)
     vocab = tok.get_vocab_size()
@@ -123,3 +129,47 @@ def run_pairs(params: Params, name: str, tok: Tokenizer, prepared: Path, out: Pa
     train = meta["splits"]["train"]  # type: ignore[index]
     return (f"train {train['pairs']:,} pairs: {train['src_tokens']:,} source and "
             f"{train['tgt_tokens']:,} target tokens ({meta['dtype']})")
+
+
+def run_images(params: Params, name: str, prepared: Path) -> str:
+    from bigmodel.data import images
+
+    spec = params.pretrain[name]
+    proc_dir = params.path("tokenizer", spec.tokenizer)
+    processor = images.read_processor(proc_dir)
+    out = params.path("tokens", name)
+    with tracking.stage_run(f"tokenize@{name}", params, param_keys(params, "tokenize", name)) as mlrun, \
+            atomic_path(out) as tmp:
+        tmp.mkdir()
+        tables = {}
+        for split in SPLIT_NAMES:
+            src = prepared / f"image_cls_{split}.parquet"
+            if not src.is_file():
+                raise BigModelError(f"{src}: not found (run `bigmodel prepare --name "
+                                    f"{spec.corpus}` first)")
+            tables[split] = pq.read_table(src).to_pandas()
+        labels = sorted(tables["train"]["label"].unique())
+        meta: dict[str, object] = {"layout": "images", "labels": labels,
+                                   "processor_sha256": sha256_file(proc_dir / "processor.json"),
+                                   **{k: processor[k] for k in ("size", "channels", "mean", "std")},
+                                   "splits": {}}
+        for split, table in tables.items():
+            table = table[table["label"].isin(labels)]  # a class train lacks cannot be learnt
+            if table.empty:
+                raise BigModelError(f"{prepared}: the {split} split has no images of the train "
+                                    f"split's classes")
+            shape = images.shape_of(table)
+            if shape != (processor["size"], processor["size"], processor["channels"]):
+                raise BigModelError(f"{src}: images of {shape} but the processor "
+                                    f"{spec.tokenizer!r} was fitted on "
+                                    f"{processor['size']}×{processor['size']}×{processor['channels']}")
+            np.save(tmp / f"{split}_images.npy", images.pixels_of(table, shape))
+            index = {label: i for i, label in enumerate(labels)}
+            np.save(tmp / f"{split}_labels.npy", np.array([index[v] for v in table["label"]], np.int64))
+            meta["splits"][split] = {"images": len(table)}  # type: ignore[index]
+            mlrun.metrics({f"{split}_images": len(table)})
+        write_json(tmp / "meta.json", meta)
+    write_json(params.metrics_file("tokenize", name),
+               {f"{s}_images": v["images"] for s, v in meta["splits"].items()})  # type: ignore[union-attr]
+    train = meta["splits"]["train"]  # type: ignore[index]
+    return f"train {train['images']:,} images of {len(labels)} classes ({', '.join(labels)})"

@@ -3,7 +3,9 @@ on the train split of the run's data, only: its pretraining documents, or (text:
 source and the target side of its pairs, for one joint vocabulary.
 
 Output: `models/tokenizer/<run>/tokenizer.json`; metrics/tokenizer/<run>.json (vocabulary, bytes
-per token on val).
+per token on val). An image processor (kind: image) is fitted instead on the train images of an
+image data run: `models/tokenizer/<run>/processor.json` (side, channels, per-channel mean and
+std).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
@@ -25,6 +28,8 @@ from bigmodel.text import tokenizers
 def run(params: Params, name: str) -> str:
     cfg = params.tokenizer[name]
     prepared, out = params.path("data", cfg.data) / "prepared", params.path("tokenizer", name)
+    if cfg.kind == "image":
+        return run_processor(params, name, prepared, out)
     with tracking.stage_run(f"tokenizer@{name}", params, param_keys(params, "tokenizer", name)) as mlrun:
         texts = iter_texts(prepared / f"{cfg.text}_train.parquet")
         tok = tokenizers.train(cfg.kind, texts, cfg.vocab_size, cfg.min_frequency,
@@ -41,6 +46,31 @@ def run(params: Params, name: str) -> str:
         mlrun.artifact(out / "tokenizer.json", "tokenizer")
     return (f"{cfg.kind}: vocab {metrics['vocab_size']}, {metrics['val_bytes_per_token']:.2f} "
             f"bytes/token on val")
+
+
+def run_processor(params: Params, name: str, prepared: Path, out: Path) -> str:
+    """An image processor: the train images' side, channels and per-channel mean and std (a
+    ResNet normalises its input with them; measured on train images only)."""
+    from bigmodel.data.images import processor_of
+
+    with tracking.stage_run(f"tokenizer@{name}", params, param_keys(params, "tokenizer", name)) as mlrun:
+        train = prepared / "image_cls_train.parquet"
+        if not train.is_file():
+            raise BigModelError(f"{train}: not found (run `bigmodel prepare --name "
+                                f"{params.tokenizer[name].data}` first)")
+        processor = processor_of(pd.read_parquet(train))
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            write_json(tmp / "processor.json", processor)
+        metrics = {"size": processor["size"], "channels": processor["channels"],
+                   **{f"mean_{i}": v for i, v in enumerate(processor["mean"])},
+                   **{f"std_{i}": v for i, v in enumerate(processor["std"])}}
+        write_json(params.metrics_file("tokenizer", name), metrics)
+        mlrun.metrics(metrics)
+        mlrun.artifact(out / "processor.json", "tokenizer")
+    return (f"image: {processor['size']}×{processor['size']}×{processor['channels']}, mean "
+            f"{', '.join(f'{v:.3f}' for v in processor['mean'])}, std "
+            f"{', '.join(f'{v:.3f}' for v in processor['std'])}")
 
 
 def iter_texts(parquet: Path, batch_rows: int = 256) -> Iterator[str]:

@@ -104,8 +104,12 @@ NO_STEP = 1 << 62  # "no step yet" for the first-non-finite-step marker
 
 class Trainer:
     def __init__(self, model: nn.Module, cfg: Optim, max_steps: int, world: World | None = None,
-                 parallel: str = "ddp", label: str = "train"):
+                 parallel: str = "ddp", label: str = "train",
+                 lr_scale: Callable[[str], float] | None = None):
+        """`lr_scale(parameter name)` multiplies the scheduled LR of that parameter (a finetune's
+        lower backbone LR); frozen parameters (requires_grad False) are left out."""
         self.cfg, self.max_steps, self.label = cfg, max_steps, label
+        self.lr_scale = lr_scale or (lambda name: 1.0)
         self.world = world or World()
         self.device = self.world.device(pick_device(cfg.device))
         self.sharded = parallel == "fsdp" and self.world.distributed
@@ -113,6 +117,8 @@ class Trainer:
         # What is saved, loaded and evaluated. FSDP moves each unit to the device as it shards
         # it, so the whole model never has to fit one device.
         self.model = model if self.sharded else model.to(self.device)
+        if self.device.type == "cuda" and getattr(model, "channels_last", False):
+            self.model = self.model.to(memory_format=torch.channels_last)  # conv nets: NHWC kernels
         # DDP around it under torchrun, itself sharded in place under FSDP, else itself
         self.wrapped = self.world.wrap(self.model, parallel, self.device)
         self.step_fn_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
@@ -130,13 +136,15 @@ class Trainer:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         # Weight decay on matrices only; norms, biases (and nothing else 1-D) are not decayed.
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [
-            {"params": decay, "weight_decay": self.cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        by_group: dict[tuple[bool, float], list[nn.Parameter]] = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                by_group.setdefault((p.dim() >= 2, self.lr_scale(name)), []).append(p)
+        groups = [{"params": ps, "weight_decay": self.cfg.weight_decay if decay else 0.0,
+                   "lr_scale": scale}
+                  for (decay, scale), ps in sorted(by_group.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
+        if not groups:
+            raise BigModelError(f"{self.label}: no parameter to train (all are frozen)")
         # Fused: one kernel for all parameters, on the CPU too (measured: 0.35 against 1.35 ms
         # a step for the baby GPT on 2 cores; benchmarks/RESULTS.md).
         return torch.optim.AdamW(
@@ -178,7 +186,7 @@ class Trainer:
         while self.step < self.max_steps:
             lr = lr_at(self.step, cfg, self.max_steps)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             self._train_step(next_batch, loss_fn)
 
             last = self.step == self.max_steps

@@ -208,7 +208,7 @@ def test_conll_files_with_a_split_per_file_become_a_tagged_set_in_iob2(tmp_path)
 
 
 def test_the_builtin_source_carries_a_tagging_task_split_by_source_file(tmp_path):
-    params = config.validate({"data": {"stdlib": {"max_tagged": 500}}})
+    params = config.validate({"data": {"stdlib": {"max_tagged": 500}, "digits": {"kind": "image"}}})
     params._root = tmp_path
     prepare.run(params, "stdlib")
     out = params.path("data", "stdlib") / "prepared"

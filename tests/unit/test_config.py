@@ -46,7 +46,7 @@ def test_a_dangling_base_is_one_line_naming_the_runs_there_are(tmp_path):
     path = write(tmp_path, "finetune:\n  x:\n    base: bret\n")
     with pytest.raises(BigModelError) as e:
         config.load(path)
-    assert str(e.value).endswith("finetune.x.base = 'bret': no such pretrain run (have: bert, gpt, seq2seq)")
+    assert str(e.value).endswith("finetune.x.base = 'bret': no such pretrain run (have: bert, gpt, resnet, seq2seq)")
     proc = subprocess.run([sys.executable, "-m", "bigmodel.cli", "check", "--params", str(path)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
@@ -69,19 +69,20 @@ def test_unknown_top_level_section_is_refused(tmp_path):
         ("pretrain:\n  gpt:\n    family: gpt\n    n_embd: 130\n    n_head: 4\n",
          "n_embd (130) must be divisible by n_head (4)"),
         ("data:\n  stdlib:\n    source: files\n", "source 'files' needs files.glob"),
-        ("pretrain:\n  gpt:\n    family: t5\n", "pretrain.gpt.family: 't5' is not a model family (one of gpt, bert, seq2seq)"),
-        ("pretrain:\n  gpt:\n    lr: 0.1\n", "pretrain.gpt.family: missing (one of gpt, bert, seq2seq)"),
+        ("pretrain:\n  gpt:\n    family: t5\n", "pretrain.gpt.family: 't5' is not a model family (one of gpt, bert, seq2seq, resnet)"),
+        ("pretrain:\n  gpt:\n    lr: 0.1\n", "pretrain.gpt.family: missing (one of gpt, bert, seq2seq, resnet)"),
         ("pretrain:\n  bert:\n    family: bert\n    parallel: fsdp\n", "use parallel: ddp"),
         ("pretrain:\n  gpt:\n    family: gpt\n    tokenizer: wordpiece\n",
          "pretrain.gpt.tokenizer = 'wordpiece' is a wordpiece tokenizer; a gpt model reads bpe or char"),
         ("pretrain:\n  gpt:\n    family: gpt\n    corpus: books\n",
-         "pretrain.gpt.corpus = 'books': no such data run (have: stdlib)"),
+         "pretrain.gpt.corpus = 'books': no such data run (have: digits, stdlib)"),
         ("finetune:\n  x:\n    base: gpt\n    max_len: 4096\n",
          "finetune.x.max_len (4096) exceeds the block_size of pretrain.gpt (128)"),
-        ("data:\n  stdlib: {}\n  reviews:\n    source: files\n    files: {glob: a.csv, label_column: y}\n"
+        ("data:\n  stdlib: {}\n  digits: {kind: image}\n  reviews:\n    source: files\n    files: {glob: a.csv, label_column: y}\n"
          "finetune:\n  x:\n    base: bert\n    task: token_cls\n    data: reviews\n",
          "finetune.x.task = 'token_cls': data run 'reviews' has no such labelled set (it has: seq_cls)"),
-        ("data:\n  stdlib:\n    source: files\n    files: {glob: a.csv, label_column: y}\n",
+        ("data:\n  stdlib:\n    source: files\n    files: {glob: a.csv, label_column: y}\n"
+         "  digits: {kind: image}\n",
          "pretrain.seq2seq.corpus = 'stdlib' has no (source, target) pairs"),
         ("tokenizer:\n  bpe: {}\n  wordpiece: {kind: wordpiece}\n  joint:\n    kind: bpe\n"
          "    data: stdlib\n    text: pretrain\n",
@@ -104,7 +105,8 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
 
 
 def test_set_overrides_are_typed_and_validated(tmp_path):
-    path = write(tmp_path, "pretrain:\n  gpt: {family: gpt, objective: clm, corpus: stdlib, "
+    path = write(tmp_path, "data: {stdlib: {}, digits: {kind: image}}\n"
+                           "pretrain:\n  gpt: {family: gpt, objective: clm, corpus: stdlib, "
                            "tokenizer: bpe, lr: 0.1}\n"
                            "finetune:\n  c: {base: gpt, task: seq_cls, data: stdlib}\n")
     params = config.load(path, ["pretrain.gpt.lr=3e-4", "pretrain.gpt.compile=true",
@@ -164,11 +166,11 @@ def test_a_command_needs_a_run_name_when_there_are_several(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bigmodel.cli", "pretrain", "--params",
                            str(REPO / "params.yaml")], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
-    assert "pretrain: several runs (bert, gpt, seq2seq); name one with --name" in proc.stderr
+    assert "pretrain: several runs (bert, gpt, resnet, seq2seq); name one with --name" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "bigmodel.cli", "finetune", "--name", "gtp-cls",
                            "--params", str(REPO / "params.yaml")], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert "finetune.gtp-cls: no such run (have: bert-cls, bert-tag, gpt-cls)" in proc.stderr
+    assert "finetune.gtp-cls: no such run (have: bert-cls, bert-tag, gpt-cls, resnet-cls)" in proc.stderr
 
 
 def test_a_pretrain_and_a_finetune_run_cannot_share_a_name(tmp_path):
