@@ -167,7 +167,9 @@ class ImageHF(Section):
     name: str = ""  # hub id, or a local folder (`save_to_disk`, or an imagefolder layout)
     config: str | None = None
     revision: str | None = None
-    split: str = "train"  # the rows split into train / val / test (unless it has those splits)
+    # a dataset with train, validation and test splits keeps them as given; else this one split
+    # is split into train / val / test
+    split: str = "train"
     image_column: str = "image"  # a datasets Image feature (or PNG / JPEG bytes)
     label_column: str = "label"  # a ClassLabel (its names are the labels) or strings
 

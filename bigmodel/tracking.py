@@ -255,12 +255,13 @@ def version_tags(params: Params, name: str, version: str) -> dict[str, str]:
 
 def download_model(params: Params, uri: str, dest: Path) -> Path:
     """Fetch a logged model (e.g. models:/name@champion) into dest; return the folder of its
-    bigmodel files (the one holding tokenizer.json)."""
+    bigmodel files (the one holding model.safetensors: weights, config, and the tokenizer or
+    image processor)."""
     configure(params)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
-    found = sorted(p.parent for p in local.rglob("tokenizer.json") if "code" not in p.parts)
+    found = sorted(p.parent for p in local.rglob("model.safetensors") if "code" not in p.parts)
     if not found:
-        raise MlflowException(f"{uri}: no tokenizer.json in the logged model")
+        raise MlflowException(f"{uri}: no model.safetensors in the logged model")
     return found[0]
 
 

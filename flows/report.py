@@ -35,7 +35,8 @@ def render_report(params: Params, outcomes: list[Any], parent_run_id: str,
         lines.append(f"| {o.stage} | {status} | {o.seconds:.1f} | {link} |")
     lines += _champions(params, decisions)
     lines += _language_models(params, metrics) + _classifiers(params, metrics)
-    lines += _taggers(params, metrics) + _seq2seq(params, metrics) + _explain(params, metrics)
+    lines += _taggers(params, metrics) + _seq2seq(params, metrics) + _images(params, metrics)
+    lines += _explain(params, metrics)
     lines += [
         "",
         "## Where to look",
@@ -74,8 +75,8 @@ def _language_models(params: Params, metrics: dict[str, dict[str, dict]]) -> lis
         spec = params.pretrain[name]
         train = (f"{pre.get('steps', '?')} steps, {pre.get('n_params', 0):,} params, "
                  f"{pre.get('tokens_per_s', 0):,.0f} tokens/s")
-        if m["task"] == "seq2seq":
-            continue  # its own table
+        if m["task"] in ("seq2seq", "image_cls"):
+            continue  # their own tables
         if m["task"] == "clm":
             uni = m["baselines"]["unigram"]
             rows.append(f"| {name} | {spec.family} {spec.objective} | test bits/byte | "
@@ -150,6 +151,30 @@ def _classifiers(params: Params, metrics: dict[str, dict[str, dict]]) -> list[st
     return lines
 
 
+def _images(params: Params, metrics: dict[str, dict[str, dict]]) -> list[str]:
+    """Every image classifier, pretrained (its own classes) or finetuned, beside the pixel
+    baselines on the same test images, with its calibration."""
+    rows = []
+    sources = [("evaluate-pretrain", params.pretrain), ("evaluate", params.finetune)]
+    for kind, runs in sources:
+        for name, m in metrics.get(kind, {}).items():
+            if name not in runs or m.get("task") != "image_cls":
+                continue
+            spec = runs[name]
+            how = (f"pretrained, {len(spec.classes) or 'all'} classes" if kind == "evaluate-pretrain"
+                   else f"finetuned `{spec.base}`" + (" from scratch" if spec.from_scratch else "")
+                   + (" frozen" if spec.freeze_backbone else ""))
+            t, b = m["test"], m["baselines"]
+            rows.append(f"| {name} ({how}) | {spec.data if kind == 'evaluate' else spec.corpus} | "
+                        f"{_fmt(t['accuracy'])} | {_fmt(t['macro_f1'])} | {_fmt(t['ece'])} | "
+                        f"{_fmt(b['pixel_logreg']['macro_f1'])} | {_fmt(b['majority']['macro_f1'])} |")
+    if not rows:
+        return []
+    return ["", "## Image classifiers (test split)", "",
+            "| model | data | accuracy | macro-F1 | ECE | pixel logreg macro-F1 | majority macro-F1 |",
+            "|---|---|---:|---:|---:|---:|---:|", *rows]
+
+
 def _taggers(params: Params, metrics: dict[str, dict[str, dict]]) -> list[str]:
     models = _finetuned(params, metrics, "token_cls")
     if not models:
@@ -178,7 +203,14 @@ def _explain(params: Params, metrics: dict[str, dict[str, dict]]) -> list[str]:
     lines = ["", "## Explanations", ""]
     for name, m in ex.items():
         where = f"`{params.paths.explain}/{name}/`"
-        if "alignment_accuracy" in m:
+        if "deletion_drop_gradcam" in m:
+            lines.append(f"- {name}: {m['n_examples']} test images in {where} (SHAP maps "
+                         f"`shap.png`, Grad-CAM `gradcam.png`); deleting the top-20% pixels "
+                         f"lowers p(predicted) by {m['deletion_drop_shap']:.3f} (SHAP), "
+                         f"{m['deletion_drop_gradcam']:.3f} (Grad-CAM), as many random pixels "
+                         f"by {m['deletion_drop_random']:.3f}; additivity error "
+                         f"{m['additivity_max_error']:.1e}")
+        elif "alignment_accuracy" in m:
             lines.append(f"- {name}: {m['n_examples']} test sources in {where} (alignment maps "
                          f"`alignment_<i>.png`: cross-attention of each decoder block and the "
                          f"copy attention; SHAP per output token `shap.html`); the last map's "

@@ -29,13 +29,16 @@ TINY_PRETRAIN = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "bat
                  "max_steps": 30, "warmup_steps": 5, "eval_interval": 15, "eval_batches": 2,
                  "log_interval": 5, "checkpoint_interval": 15}
 TINY_FINETUNE = {"epochs": 1, "batch_size": 32, "max_len": 32, "warmup_steps": 2}
+TINY_RESNET = {"width": 8, "batch_size": 32, "max_steps": 30, "warmup_steps": 5,
+               "eval_interval": 15, "log_interval": 5, "checkpoint_interval": 15}
 TINY_OVERRIDES = {
     "data": {"stdlib": {"max_per_class": 40, "max_tagged": 300}},
     "tokenizer": {"bpe": {"vocab_size": 512}, "wordpiece": {"vocab_size": 512},
                   "joint": {"vocab_size": 512}},
-    "pretrain": {"gpt": TINY_PRETRAIN, "bert": TINY_PRETRAIN,
+    "pretrain": {"gpt": TINY_PRETRAIN, "bert": TINY_PRETRAIN, "resnet": TINY_RESNET,
                  "seq2seq": {**TINY_PRETRAIN, "n_decoder_layer": 1, "max_len_b": 4}},
-    "finetune": {"gpt-cls": TINY_FINETUNE, "bert-cls": TINY_FINETUNE, "bert-tag": TINY_FINETUNE},
+    "finetune": {"gpt-cls": TINY_FINETUNE, "bert-cls": TINY_FINETUNE, "bert-tag": TINY_FINETUNE,
+                 "resnet-cls": {"epochs": 2, "warmup_steps": 2}},
     "evaluate": {"eval_tokens": 5000, "eval_batches": 2},
     "explain": {"n_examples": 2, "max_evals": 40, "max_len": 24},
 }
@@ -54,7 +57,7 @@ def git(root: Path, *args: str) -> None:
 
 
 # The GPT chain alone (for tests of the flows' mechanics, not of the families).
-GPT_ONLY = {"tokenizer": ["bpe"], "pretrain": ["gpt"], "finetune": ["gpt-cls"]}
+GPT_ONLY = {"data": ["stdlib"], "tokenizer": ["bpe"], "pretrain": ["gpt"], "finetune": ["gpt-cls"]}
 
 
 def make_project(root: Path, overrides: dict | None = None, with_flows: bool = False,

@@ -35,6 +35,8 @@ from bigmodel.errors import BigModelError
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 DEFAULT_SIZE = 32  # files and hf images without a `size`: the CIFAR side
 MAX_LISTED = 20  # unreadable files named in the manifest (all are counted)
+# an hf dataset with all three of these splits keeps them (the names it may use for each)
+HF_SPLITS = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
 
 
 @dataclass
@@ -102,6 +104,10 @@ def decode(data: bytes | Path | Any, size: int, gray: bool) -> np.ndarray | None
         else:
             img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
         img.load()  # a truncated file fails here, not later
+        if img.mode.startswith("I"):  # 16/32-bit gray: scale to 8 bits (convert would clip)
+            wide = np.asarray(img, dtype=np.float64)
+            top = 65535.0 if img.mode.startswith("I;16") or wide.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(np.rint(wide / top * 255), 0, 255).astype(np.uint8), "L")
         img = img.convert("L" if gray else "RGB")
         if img.size != (size, size):
             img = img.resize((size, size), Image.Resampling.BILINEAR)
@@ -144,16 +150,21 @@ def load_hf(cfg: ImageDataRun, key: str) -> Images:
         if local.is_dir() and any((local / f).exists() for f in ("dataset_info.json", "state.json",
                                                                   "dataset_dict.json")):
             ds = datasets.load_from_disk(str(local))
-            if isinstance(ds, datasets.DatasetDict):
-                if spec.split not in ds:
-                    raise BigModelError(f"{key}.split: {spec.split!r} not in {spec.name} "
-                                        f"(has {sorted(ds)})")
-                ds = ds[spec.split]
         else:
-            ds = datasets.load_dataset(spec.name, spec.config, revision=spec.revision,
-                                       split=spec.split)
+            ds = datasets.load_dataset(spec.name, spec.config, revision=spec.revision)
     except (FileNotFoundError, ValueError, ConnectionError) as e:
         raise BigModelError(f"{key}: cannot load {spec.name!r}: {e}".splitlines()[0]) from None
+    fixed = None
+    if isinstance(ds, datasets.DatasetDict):
+        own = {s: next((n for n in names if n in ds), None) for s, names in HF_SPLITS.items()}
+        if all(own.values()):  # the dataset's own train / validation / test, kept as given
+            fixed = [s for s, n in own.items() for _ in range(len(ds[n]))]
+            ds = datasets.concatenate_datasets([ds[n] for n in own.values()])  # type: ignore[misc]
+        elif spec.split not in ds:
+            raise BigModelError(f"{key}.split: {spec.split!r} not in {spec.name} "
+                                f"(has {sorted(ds)})")
+        else:
+            ds = ds[spec.split]
     for column in (spec.image_column, spec.label_column):
         if column not in ds.column_names:
             raise BigModelError(f"{key}: column {column!r} not in {spec.name} "
@@ -162,7 +173,7 @@ def load_hf(cfg: ImageDataRun, key: str) -> Images:
     names = getattr(feature, "names", None)  # a ClassLabel: its names are the labels
     if isinstance(ds.features[spec.image_column], datasets.Image):
         ds = ds.cast_column(spec.image_column, datasets.Image(decode=False))  # decode here, counted
-    pixels, labels, groups, bad = [], [], [], []
+    pixels, labels, groups, bad, split = [], [], [], [], []
     for i, row in enumerate(ds):
         value = row[spec.image_column]
         if isinstance(value, dict):
@@ -174,8 +185,10 @@ def load_hf(cfg: ImageDataRun, key: str) -> Images:
         label = row[spec.label_column]
         pixels.append(img)
         labels.append(str(names[label]) if names is not None else str(label))
-        groups.append(f"{spec.name}/{i}")
-    return _collected(pixels, labels, groups, None, bad,
+        groups.append(f"row {i}")
+        if fixed is not None:
+            split.append(fixed[i])
+    return _collected(pixels, labels, groups, split if fixed is not None else None, bad,
                       {"source": "hf", "name": spec.name, "config": spec.config,
                        "revision": spec.revision, "split": spec.split,
                        "fingerprint": getattr(ds, "_fingerprint", "")}, key)

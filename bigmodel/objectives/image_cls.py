@@ -36,7 +36,7 @@ class ImageData:
     def __init__(self, pixels: np.ndarray, y: np.ndarray, device: torch.device):
         if len(pixels) == 0:
             raise BigModelError("an image split is empty")
-        self.x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).contiguous()
+        self.x = torch.from_numpy(np.array(pixels)).permute(0, 3, 1, 2).contiguous()  # owned
         self.x = self.x.to(device)  # (N, C, H, W) uint8: a quarter of float32's memory
         self.y = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
 

@@ -160,7 +160,8 @@ def run_images(params: Params, name: str, prepared: Path) -> str:
                                     f"split's classes")
             shape = images.shape_of(table)
             if shape != (processor["size"], processor["size"], processor["channels"]):
-                raise BigModelError(f"{src}: images of {shape} but the processor "
+                raise BigModelError(f"{prepared / f'image_cls_{split}.parquet'}: images of "
+                                    f"{shape} but the processor "
                                     f"{spec.tokenizer!r} was fitted on "
                                     f"{processor['size']}×{processor['size']}×{processor['channels']}")
             np.save(tmp / f"{split}_images.npy", images.pixels_of(table, shape))

@@ -17,15 +17,19 @@ BERT_CHAIN = ["tokenize@bert", "pretrain@bert", "evaluate-pretrain@bert", "finet
               "finetune@bert-tag", "evaluate@bert-cls", "evaluate@bert-tag", "explain@bert-cls",
               "explain@bert-tag"]
 SEQ2SEQ_CHAIN = ["tokenize@seq2seq", "pretrain@seq2seq", "evaluate-pretrain@seq2seq"]
-STAGES = ["source@stdlib", "prepare@stdlib", "tokenizer@bpe", "tokenizer@wordpiece",
-          "tokenizer@joint", "tokenize@gpt", "tokenize@bert", "tokenize@seq2seq",
-          "pretrain@gpt", "pretrain@bert", "pretrain@seq2seq",
+RESNET_CHAIN = ["pretrain@resnet", "evaluate-pretrain@resnet", "finetune@resnet-cls",
+                "evaluate@resnet-cls", "explain@resnet-cls"]
+STAGES = ["source@stdlib", "source@digits", "prepare@stdlib", "prepare@digits", "tokenizer@bpe",
+          "tokenizer@wordpiece", "tokenizer@joint", "tokenizer@pixels", "tokenize@gpt",
+          "tokenize@bert", "tokenize@seq2seq", "tokenize@resnet",
+          "pretrain@gpt", "pretrain@bert", "pretrain@seq2seq", "pretrain@resnet",
           "evaluate-pretrain@gpt", "evaluate-pretrain@bert", "evaluate-pretrain@seq2seq",
-          "finetune@gpt-cls", "finetune@bert-cls", "finetune@bert-tag",
-          "evaluate@gpt-cls", "evaluate@bert-cls", "evaluate@bert-tag",
-          "explain@gpt-cls", "explain@bert-cls", "explain@bert-tag"]
+          "evaluate-pretrain@resnet",
+          "finetune@gpt-cls", "finetune@bert-cls", "finetune@bert-tag", "finetune@resnet-cls",
+          "evaluate@gpt-cls", "evaluate@bert-cls", "evaluate@bert-tag", "evaluate@resnet-cls",
+          "explain@gpt-cls", "explain@bert-cls", "explain@bert-tag", "explain@resnet-cls"]
 REGISTERED = ["bigmodel-gpt-cls", "bigmodel-bert-cls", "bigmodel-bert-tag", "bigmodel-gpt",
-              "bigmodel-seq2seq"]
+              "bigmodel-seq2seq", "bigmodel-resnet", "bigmodel-resnet-cls"]
 
 
 def edit_params(project, change) -> None:  # noqa: ANN001
@@ -76,6 +80,10 @@ def test_tiny_pipeline_runs_every_family_end_to_end_then_reruns_only_what_change
     assert {"copy_source", "retrieval"} <= set(s2s["baselines"])
     s2s_file = json.loads((project / "reports/metrics/evaluate-pretrain/seq2seq.json").read_text())
     assert len(s2s_file["examples"]) == 5  # (dvc metrics show leaves lists out)
+    images = shown["reports/metrics/evaluate/resnet-cls.json"]["data"]
+    assert images["task"] == "image_cls" and 0 <= images["test"]["ece"] <= 1
+    assert {"majority", "pixel_logreg"} <= set(images["baselines"])
+    assert images["test"]["accuracy"] > images["baselines"]["majority"]["accuracy"]
 
     # MLflow: one pipeline run with every stage instance nested under it, each with metrics,
     # and each logging as params exactly the values DVC hashed for it
@@ -115,6 +123,12 @@ def test_tiny_pipeline_runs_every_family_end_to_end_then_reruns_only_what_change
     assert "## Taggers" in report and "| bert-tag (finetuned bert `bert`) |" in report
     assert "test masked-token accuracy" in report and "test bits/byte" in report
     assert "## Sequence-to-sequence models" in report and "| seq2seq | beam 4 |" in report
+    assert "## Image classifiers" in report and "| resnet-cls (finetuned `resnet`) | digits |" in report
+    assert "| resnet (pretrained, 5 classes) | digits |" in report
+    for run in ("resnet", "resnet-cls"):  # SHAP and Grad-CAM maps of the pretrained and the finetuned
+        assert (project / f"reports/explain/{run}/gradcam.png").stat().st_size > 1000
+        assert (project / f"reports/explain/{run}/shap.png").stat().st_size > 1000
+    assert "Grad-CAM `gradcam.png`" in report
     for run in ("gpt-cls", "bert-cls"):
         assert "<html>" in (project / f"reports/explain/{run}/shap.html").read_text()[:200]
         assert (project / f"reports/explain/{run}/attention_1.png").stat().st_size > 1000
@@ -132,7 +146,7 @@ def test_tiny_pipeline_runs_every_family_end_to_end_then_reruns_only_what_change
     # nothing changed: a second flow run refreshes the source snapshot and skips every stage;
     # `dvc repro` has nothing to do; the champions stay
     again = pipeline(root=str(project))
-    assert [o.status for o in again] == ["ran"] + ["skipped"] * (len(STAGES) - 1)
+    assert [o.status for o in again] == ["ran"] * 2 + ["skipped"] * (len(STAGES) - 2)
     assert "Data and pipelines are up to date" in dvc(project, "repro").stdout
     assert "v1 is already the champion; kept" in (project / "reports/pipeline_report.md").read_text()
 
@@ -149,6 +163,10 @@ def test_tiny_pipeline_runs_every_family_end_to_end_then_reruns_only_what_change
     (project / "params.yaml").write_text(original)
     edit_params(project, lambda p: p["pretrain"]["seq2seq"].update(label_smoothing=0.2))
     assert would_rerun(project) == set(SEQ2SEQ_CHAIN) - {"tokenize@seq2seq"}
+    # the ResNet's classes reach its own chain from pretraining on (its images stay as they are)
+    (project / "params.yaml").write_text(original)
+    edit_params(project, lambda p: p["pretrain"]["resnet"].update(classes=["0", "1", "2"]))
+    assert would_rerun(project) == set(RESNET_CHAIN)
     # a new finetune run adds its own three stages and reruns nothing else
     (project / "params.yaml").write_text(original)
     edit_params(project, lambda p: p["finetune"].update(
@@ -159,12 +177,9 @@ def test_tiny_pipeline_runs_every_family_end_to_end_then_reruns_only_what_change
     assert dvc_status(project) == set()
 
     # an override from a flow parameter reaches the stages that read it, for this run only
-    fourth = pipeline(root=str(project), overrides={"explain.n_examples": 1})
-    explaining = {"explain@gpt-cls", "explain@bert-cls", "explain@bert-tag",
-                  "evaluate-pretrain@gpt", "evaluate-pretrain@bert", "evaluate-pretrain@seq2seq"}
+    fourth = pipeline(root=str(project), overrides={"pretrain.resnet.max_steps": 20})
     assert sorted(o.stage for o in fourth if o.status == "ran") == sorted(
-        {"source@stdlib", *explaining})
-    for run in ("bert-cls", "seq2seq"):
-        assert json.loads((project / f"reports/metrics/explain/{run}.json").read_text())["n_examples"] == 1
+        {"source@stdlib", "source@digits", *RESNET_CHAIN})
+    assert json.loads((project / "reports/metrics/pretrain/resnet.json").read_text())["steps"] == 20
     assert (project / "params.yaml").read_text() == original
-    assert dvc_status(project) == explaining
+    assert dvc_status(project) == {"pretrain@resnet"}
