@@ -62,7 +62,8 @@ def run(params: Params, name: str) -> str:
     lr_scale = None
     if spec.task == "image_cls":
         inputs, tok = "processor.json", None
-        model, labels, head_info, lr_scale = image_model(backbone, info, spec, name, train_t)
+        model, labels, head_info, lr_scale = image_model(backbone, info, spec, name, train_t,
+                                                         params.seed)
         train_t, val_t = (t[t["label"].isin(labels)] for t in (train_t, val_t))
         if spec.max_per_class:  # a seeded pick of each class's images (few-shot)
             train_t = (train_t.groupby("label", group_keys=False)
@@ -117,7 +118,8 @@ def run(params: Params, name: str) -> str:
 
 
 def image_model(backbone: torch.nn.Module, info: dict[str, Any], spec: Any, name: str,
-                train: pd.DataFrame) -> tuple[torch.nn.Module, list[str], dict[str, Any], Any]:
+                train: pd.DataFrame, seed: int = 0
+                ) -> tuple[torch.nn.Module, list[str], dict[str, Any], Any]:
     """A pretrained ResNet with a fresh classifier for the run's classes (fresh weights all
     through with from_scratch; its backbone frozen with freeze_backbone), and the learning-rate
     scale of each parameter (the backbone's: backbone_lr_scale)."""
@@ -125,7 +127,7 @@ def image_model(backbone: torch.nn.Module, info: dict[str, Any], spec: Any, name
 
     labels = selected_labels(train, spec.classes, f"finetune.{name}.classes")
     if spec.from_scratch:
-        seed_everything(0)  # the same fresh network whatever ran before
+        seed_everything(seed)  # the same fresh network whatever ran before
         backbone = registry.build(info["family"], {**info["arch"], "dropout": spec.dropout})
     backbone.reset_head(len(labels))
     backbone.freeze_backbone(spec.freeze_backbone)
