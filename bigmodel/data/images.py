@@ -54,10 +54,14 @@ class Images:
 
 
 def builtin_file() -> Path:
-    """The digits file inside scikit-learn (what the source stage snapshots)."""
-    import sklearn.datasets
+    """The digits file inside scikit-learn (what the source stage snapshots), found without
+    importing scikit-learn (a second of the source stage's start-up)."""
+    import importlib.util
 
-    return Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise BigModelError("scikit-learn is not installed: the built-in digits come with it")
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
 
 
 def load(cfg: ImageDataRun, root: Path, key: str) -> Images:

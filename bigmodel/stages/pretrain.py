@@ -103,7 +103,10 @@ def train(params: Params, name: str, resume: bool, world: World) -> str:
 
     with main_rank_run(world, params, name) as mlrun:
         if mlrun:
-            mlrun.metrics({"n_params": model.num_params(), f"train_{objective.unit}": train_units})
+            mlrun.metrics({"n_params": model.num_params(), f"train_{objective.unit}": train_units,
+                           # training FLOPs a token (image): what the logged MFU divides by
+                           f"flops_per_{objective.unit.removesuffix('s')}":
+                               objective.flops_per_unit(model)})
             history.sink = mlrun.metrics
         result = trainer.fit(
             objective.next_batch, objective.loss,
