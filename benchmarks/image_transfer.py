@@ -17,6 +17,8 @@ test macro-F1 and accuracy, mean ± standard deviation over the seeds, per varia
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import statistics
 import sys
@@ -61,8 +63,7 @@ def main() -> int:
     sizes = [int(s) for s in args.per_class.split(",")]
     classes = [c for c in args.classes.split(",") if c] or spec.classes
     prepared = base.path("data", spec.data) / "prepared"
-    train, val, test = (pd.read_parquet(prepared / f"image_cls_{s}.parquet")
-                        for s in ("train", "val", "test"))
+    train, test = (pd.read_parquet(prepared / f"image_cls_{s}.parquet") for s in ("train", "test"))
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         os.environ["BIGMODEL_TRACKING_URI"] = f"sqlite:///{scratch}/mlflow.db"
@@ -80,7 +81,8 @@ def main() -> int:
                                                         "plots": f"{scratch}/plots"}})
                     params._root = project
                     start = time.perf_counter()
-                    finetune.run(params, args.name)
+                    with contextlib.redirect_stdout(io.StringIO()):  # the stage's progress lines
+                        finetune.run(params, args.name)
                     secs.append(time.perf_counter() - start)
                     clf = image_cls.ImageClassifier.load(params.path("finetune", args.name))
                     scores, _, _ = image_cls.test_scores(clf, test, 256, None)

@@ -66,9 +66,8 @@ def run(params: Params, name: str) -> str:
                                                          params.seed)
         train_t, val_t = (t[t["label"].isin(labels)] for t in (train_t, val_t))
         if spec.max_per_class:  # a seeded pick of each class's images (few-shot)
-            train_t = (train_t.groupby("label", group_keys=False)
-                       .apply(lambda g: g.sample(min(len(g), spec.max_per_class),
-                                                 random_state=params.seed)))
+            train_t = (train_t.sample(frac=1.0, random_state=params.seed)
+                       .groupby("label").head(spec.max_per_class).sort_index())
     else:
         inputs, tok = "tokenizer.json", load_tokenizer(pre_dir / "tokenizer.json")
         check_tokenizer(pre_dir, info)
