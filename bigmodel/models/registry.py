@@ -1,11 +1,13 @@
 """Model families and the self-describing model folder.
 
 A family is a module `bigmodel/models/<family>.py` exposing `Config` (a dataclass) and `Model`
-(an nn.Module built from it, with `hidden(idx, lengths)` giving token states, `blocks`,
-`attention_maps`, `num_params`, `flops_per_token`); adding a family adds that file and nothing
-here. A model folder holds `model.safetensors`, `tokenizer.json` and `config.json`, which says
-the family and the task (`clm`, `mlm`, `seq_cls`, `token_cls`) and carries the architecture and
-what the task needs (labels, max_len, pooling), so any folder loads with `load(directory)`.
+(an nn.Module built from it: a text family with `hidden(idx, lengths)` giving token states,
+`blocks`, `attention_maps`, `num_params`, `flops_per_token`; an image family with
+`features`, `feature_maps`, `stages`, `num_params`, `flops_per_image`); adding a family adds
+that file and nothing here. A model folder holds `model.safetensors`, `config.json` (the family,
+the task: `clm`, `mlm`, `seq2seq`, `seq_cls`, `token_cls`, `image_cls`; the architecture and
+what the task needs: labels, max_len, pooling) and the inputs' processor (`tokenizer.json`, or
+an image model's `processor.json`), so any folder loads with `load_backbone(directory)`.
 """
 
 from __future__ import annotations
