@@ -122,11 +122,7 @@ class DataRun(Section):
             raise ValueError("pair_min_chars must not exceed pair_max_chars")
         if 0 < self.pair_max_ratio < 1:
             raise ValueError("pair_max_ratio is longer side / shorter side: 0 (off) or >= 1")
-        if self.source == "files" and not (self.files.glob or self.files.splits):
-            raise ValueError("source 'files' needs files.glob (or files.splits)")
-        if self.files.glob and self.files.splits:
-            raise ValueError("files.glob and files.splits exclude each other (splits: one glob "
-                             "per split, kept as given)")
+        _check_where(self.source, self.files, self.hf)
         for where, src in (("files", self.files), ("hf", self.hf)):
             if bool(src.source_column) != bool(src.target_column):
                 raise ValueError(f"{where}.source_column and {where}.target_column go together "
@@ -134,11 +130,6 @@ class DataRun(Section):
         if (self.files.format == "aligned") != bool(self.files.target_suffix):
             raise ValueError("files.format 'aligned' and files.target_suffix go together "
                              "(train.en pairs with train.<target_suffix>)")
-        if self.files.splits and set(self.files.splits) != set(SPLIT_NAMES):
-            raise ValueError(f"files.splits needs a glob for each of train, val, test "
-                             f"(got {', '.join(sorted(self.files.splits))})")
-        if self.source == "hf" and not self.hf.name:
-            raise ValueError("source 'hf' needs hf.name")
         return self
 
     def tasks(self) -> set[str]:
@@ -193,19 +184,25 @@ class ImageDataRun(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "ImageDataRun":
-        if self.source == "files" and not (self.files.glob or self.files.splits):
-            raise ValueError("source 'files' needs files.glob (or files.splits)")
-        if self.files.glob and self.files.splits:
-            raise ValueError("files.glob and files.splits exclude each other")
-        if self.files.splits and set(self.files.splits) != set(SPLIT_NAMES):
-            raise ValueError(f"files.splits needs a glob for each of train, val, test "
-                             f"(got {', '.join(sorted(self.files.splits))})")
-        if self.source == "hf" and not self.hf.name:
-            raise ValueError("source 'hf' needs hf.name")
+        _check_where(self.source, self.files, self.hf)
         return self
 
     def tasks(self) -> set[str]:
         return {"image_cls"}
+
+
+def _check_where(source: str, files: FilesSource | ImageFiles, hf: HFSource | ImageHF) -> None:
+    """What a data run of either kind needs of where its data is."""
+    if source == "files" and not (files.glob or files.splits):
+        raise ValueError("source 'files' needs files.glob (or files.splits)")
+    if files.glob and files.splits:
+        raise ValueError("files.glob and files.splits exclude each other (splits: one glob per "
+                         "split, kept as given)")
+    if files.splits and set(files.splits) != set(SPLIT_NAMES):
+        raise ValueError(f"files.splits needs a glob for each of train, val, test "
+                         f"(got {', '.join(sorted(files.splits))})")
+    if source == "hf" and not hf.name:
+        raise ValueError("source 'hf' needs hf.name")
 
 
 def _data_kind(value: Any) -> str:

@@ -1,8 +1,9 @@
 """Stage `evaluate-pretrain@<run>`: a pretrained model on its held-out shards by its objective's
 task (`evaluate_pretrained` of bigmodel/tasks/<objective>.py: clm bits per byte, mlm masked-token
-accuracy, seq2seq BLEU and chrF), beside that task's baselines; then explained by the same
-task (`explain_pretrained`: attention maps of test documents for GPT and BERT; alignment maps
-and SHAP attributions of its outputs for seq2seq).
+accuracy, seq2seq BLEU and chrF, image_cls accuracy, macro-F1 and calibration on its own
+classes), beside that task's baselines; then explained by the same task (`explain_pretrained`:
+attention maps of test documents for GPT and BERT; alignment maps and SHAP attributions of its
+outputs for seq2seq; SHAP maps and Grad-CAM of test images, with the test figures, for a ResNet).
 Output: metrics/evaluate-pretrain/<run>.json, reports/explain/<run>/, metrics/explain/<run>.json."""
 
 from __future__ import annotations
