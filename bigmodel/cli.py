@@ -8,11 +8,13 @@ import importlib
 import sys
 import time
 
-from bigmodel.errors import BigModelError, TransientError
+from bigmodel.errors import BigModelError, DiskFull, TransientError
+from bigmodel.io import refused_write
 from bigmodel.stages import KINDS
 
 EXIT_USER_ERROR = 2
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL: the flow retries only these
+EXIT_DISK = 74  # EX_IOERR: the filesystem refused a write
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,9 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     except TransientError as e:
         print(f"error (transient): {e}", file=sys.stderr)
         return EXIT_TRANSIENT
+    except DiskFull as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DISK
     except BigModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as e:
+        if not refused_write(e):
+            raise
+        print(f"error: {e.filename or 'a write'}: the filesystem refused it ({refused_write(e)}); "
+              f"free some space and run again", file=sys.stderr)
+        return EXIT_DISK
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -39,6 +39,10 @@ class Paths(Section):
     tokenizer: str = "models/tokenizer"  # <tokenizer run>/tokenizer.json
     tokens: str = "data/tokens"  # <pretrain run>/{train,val,test}.bin
     pretrain: str = "models/pretrain"
+    # <pretrain run>/: what `--resume` continues from. Not a DVC output (DVC deletes a stage's
+    # outputs before it runs it, and its cache need not hold optimizer state), so a retried
+    # stage still finds it.
+    checkpoints: str = "models/checkpoints"
     finetune: str = "models/finetune"
     evaluate: str = "reports/evaluate"
     explain: str = "reports/explain"
@@ -484,6 +488,18 @@ class Explain(Section):
     max_len: int = Field(64, ge=4)
 
 
+class Serving(Section):
+    """What a served model accepts (bigmodel/serving.py): a request past one of these is
+    answered HTTP 400 naming the limit, before any model code runs. They are logged with each
+    model (its serving.json), so a served model keeps the limits it was registered with."""
+
+    max_rows: int = Field(64, ge=1)  # texts / prompts / sources / images in one request
+    max_text_chars: int = Field(4000, ge=1)  # characters in one text, prompt or source
+    max_new_tokens: int = Field(256, ge=1)  # a request's max_new_tokens (GPT and seq2seq)
+    max_beam_size: int = Field(8, ge=1)  # a seq2seq request's beam_size
+    max_image_bytes: int = Field(1_000_000, ge=1)  # one decoded PNG / JPEG (image_cls)
+
+
 class Promote(Section):
     """The champion gate run by the flows after the stages (not a DVC stage: it moves aliases).
     Each registered model is scored by its task's metric on the test split: macro-F1 for a
@@ -532,6 +548,7 @@ class Params(Section):
     evaluate: Evaluate = Evaluate()
     explain: Explain = Explain()
     promote: Promote = Promote()
+    serving: Serving = Serving()
 
     _root: Path = Path(".")
 

@@ -7,3 +7,7 @@ class BigModelError(Exception):
 
 class TransientError(BigModelError):
     """A failure worth retrying (a tracking server that did not answer, say): exit code 75."""
+
+
+class DiskFull(BigModelError):
+    """The filesystem refused a write (no space left, or a file-size limit): exit code 74."""

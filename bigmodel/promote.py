@@ -28,7 +28,7 @@ import pandas as pd
 from bigmodel import tracking
 from bigmodel.config import Params
 from bigmodel.errors import BigModelError
-from bigmodel.io import read_json
+from bigmodel.io import read_json, read_parquet
 
 
 @dataclass
@@ -115,4 +115,4 @@ def _gate(params: Params, stage_dir: Path, metric: str, score: Callable[[Path], 
 def _read(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise BigModelError(f"{path}: not found (run the prepare stage first)")
-    return pd.read_parquet(path)
+    return read_parquet(path)

@@ -11,6 +11,7 @@ environment of the calling process, so it would leak one project's store into th
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -41,6 +42,9 @@ def tracking_uri(params: Params) -> str:
 
 def configure(params: Params) -> str:
     """Point MLflow at the store and experiment; return the experiment id."""
+    # a new store's set-up lines (creating and upgrading its tables) are not the stage's news
+    for logger in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(logger).setLevel(logging.WARNING)
     uri = tracking_uri(params)
     mlflow.set_tracking_uri(uri)
     name = params.tracking.experiment

@@ -14,6 +14,8 @@ and rank 0 alone writes outputs and logs to MLflow.
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -26,7 +28,8 @@ import torch.nn as nn
 
 from bigmodel import tracking
 from bigmodel.config import Params
-from bigmodel.io import atomic_path, sha256_file, write_json
+from bigmodel.errors import BigModelError
+from bigmodel.io import atomic_path, recover, sha256_file, write_json
 from bigmodel.models import registry
 from bigmodel.stages import param_keys
 from bigmodel.text import shards
@@ -35,7 +38,7 @@ from bigmodel.train import distributed
 from bigmodel.train.distributed import World
 from bigmodel.train.trainer import FitResult, History, Trainer, pick_device, seed_everything
 
-OUTPUTS = ("checkpoint", "model.safetensors", "config.json", "tokenizer.json", "processor.json",
+OUTPUTS = ("model.safetensors", "config.json", "tokenizer.json", "processor.json",
            "registry.json")
 
 
@@ -74,6 +77,9 @@ def train(params: Params, name: str, resume: bool, world: World) -> str:
         arch = registry.arch_config(spec.family, {**spec.model_dump(), "vocab_size": meta["vocab_size"],
                                                   "pad_id": sp.pad, "bos_id": sp.bos, "eos_id": sp.eot})
         saved = {"tokenizer_sha256": sha256_file(tok_dir / "tokenizer.json")}
+        if meta.get("tokenizer_sha256", saved["tokenizer_sha256"]) != saved["tokenizer_sha256"]:
+            raise BigModelError(f"{tokens_dir} was tokenized with another tokenizer than "
+                                f"{tok_dir / 'tokenizer.json'}; rerun tokenize@{name}")
         train_units = meta["splits"]["train"]["tokens"]
     model = registry.build(spec.family, arch)
     if world.rank:
@@ -88,18 +94,22 @@ def train(params: Params, name: str, resume: bool, world: World) -> str:
         objective = objective_mod.make(
             spec, shards.load(tokens_dir, "train"), shards.load(tokens_dir, "val"),
             sp, f"pretrain.{name}", params.seed, trainer.device, world)
-    ckpt = out / "checkpoint"
+    ckpt = params.path("checkpoints", name)
     if world.is_main:
-        remove_partial_writes(out)
+        recover_outputs(out)
+        recover_outputs(ckpt.parent, [name])
+    world.barrier()
+    identity = {"params": {k: params.value(k) for k in param_keys(params, "pretrain", name)},
+                "data_sha256": sha256_file(tokens_dir / "meta.json")}
     history = History(lambda values, step: None)
-    if resume:
+    if resume_from(ckpt, identity, resume, f"pretrain@{name}"):
         state = trainer.load_checkpoint(ckpt)
         objective.sampler.gen.set_state(state["sampler_rng"])
         history.rows = state.get("history", [])  # the plot keeps the curve from before the resume
 
     def checkpoint() -> None:
         trainer.save_checkpoint(ckpt, {"sampler_rng": objective.sampler.gen.get_state(),
-                                       "history": history.rows})
+                                       "history": history.rows, **identity})
 
     with main_rank_run(world, params, name) as mlrun:
         if mlrun:
@@ -176,12 +186,54 @@ def publish(params: Params, name: str, model: nn.Module, result: FitResult, hist
             f"{result.tokens_per_s:,.0f} {unit.replace('_', ' ')}/s{registered}")
 
 
-def remove_partial_writes(out: Path) -> None:
-    """Temporary folders a killed run left beside its outputs (see io.atomic_path)."""
+RESUME_ENV = "BIGMODEL_RESUME"  # set by the flow when it retries a stage
+
+
+def resume_from(ckpt: Path, identity: dict[str, Any], asked: bool, label: str) -> bool:
+    """Whether to continue from the checkpoint: asked to (`--resume`, or a retry by the flow,
+    which sets BIGMODEL_RESUME=1) and there is one written for these params and this data.
+    With none, training starts at step 0 (a run killed before its first checkpoint). One
+    written for other params or data is refused under `--resume` (continuing it would train a
+    model that no params describe) and replaced under a retry."""
+    retry = os.environ.get(RESUME_ENV) == "1"
+    if not (asked or retry):
+        return False
+    state_file = ckpt / "state.json"
+    if not state_file.is_file():
+        print(f"{label}: no checkpoint in {ckpt} yet; starting from step 0", flush=True)
+        return False
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BigModelError(f"{state_file}: not a checkpoint's state ({e}); delete {ckpt} "
+                            f"to start again") from None
+    if "params" not in state:
+        raise BigModelError(f"{ckpt}: written by an older bigmodel (no params recorded); delete "
+                            f"it to start again")
+    was, now = tracking.flatten(state["params"]), tracking.flatten(identity["params"])
+    changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+    reason = (f"params {', '.join(changed)} changed" if changed else
+              "the token shards changed" if state.get("data_sha256") != identity["data_sha256"]
+              else "")
+    if not reason:
+        print(f"{label}: resuming from the checkpoint at step {state['step']}", flush=True)
+        return True
+    if asked:
+        raise BigModelError(f"{ckpt}: written before {reason}, so it cannot be continued; run "
+                            f"without --resume to start again")
+    print(f"{label}: the checkpoint in {ckpt} was written before {reason}; starting from step 0",
+          flush=True)
+    return False
+
+
+def recover_outputs(out: Path, names: tuple[str, ...] | list[str] = OUTPUTS) -> None:
+    """Finish or undo what a killed run left mid-write beside its outputs (io.recover): a
+    checkpoint renamed aside for its successor comes back, temporary folders go."""
     if out.is_dir():
-        for output in OUTPUTS:
-            for stale in out.glob(f".{output}.*"):
-                shutil.rmtree(stale, ignore_errors=True)
+        for output in names:
+            done = recover(out / output)
+            if done:
+                print(f"pretrain: {done} (in {out})", flush=True)
 
 
 def register(mlrun: tracking.StageRun, out: Path, registered_name: str) -> str:

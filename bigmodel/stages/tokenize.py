@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 from bigmodel import tracking
 from bigmodel.config import SPLIT_NAMES, Params
 from bigmodel.errors import BigModelError
-from bigmodel.io import atomic_path, sha256_file, write_json
+from bigmodel.io import atomic_path, read_parquet, reading_parquet, sha256_file, write_json
 from bigmodel.stages import param_keys
 from bigmodel.text.tokenizers import load as load_tokenizer
 
@@ -75,7 +75,7 @@ def encode_file(tok: Tokenizer, src: Path, dst: Path, dtype: type, batch_size: i
     flat array; returns (tokens written, UTF-8 bytes of the text, document start offsets)."""
     n_tokens = n_bytes = 0
     starts: list[int] = []
-    with open(dst, "wb") as f:
+    with open(dst, "wb") as f, reading_parquet(src):
         for batch in pq.ParquetFile(src).iter_batches(batch_size=batch_size, columns=["text"]):
             texts = batch.column(0).to_pylist()
             ids = [doc_ids(e.ids, tok) for e in tok.encode_batch(texts)]
@@ -107,7 +107,8 @@ def run_pairs(params: Params, name: str, tok: Tokenizer, prepared: Path, out: Pa
             if not src.is_file():
                 raise BigModelError(f"{src}: not found: data.{params.pretrain[name].corpus} has "
                                     f"no (source, target) pairs (see the README: parallel text)")
-            table = pq.read_table(src, columns=["source", "target"])
+            with reading_parquet(src):
+                table = pq.read_table(src, columns=["source", "target"])
             info: dict[str, int] = {"pairs": table.num_rows}
             for side, column in (("src", "source"), ("tgt", "target")):
                 texts = table.column(column).to_pylist()
@@ -147,7 +148,7 @@ def run_images(params: Params, name: str, prepared: Path) -> str:
             if not src.is_file():
                 raise BigModelError(f"{src}: not found (run `bigmodel prepare --name "
                                     f"{spec.corpus}` first)")
-            tables[split] = pq.read_table(src).to_pandas()
+            tables[split] = read_parquet(src)
         labels = sorted(tables["train"]["label"].unique())
         meta: dict[str, object] = {"layout": "images", "labels": labels,
                                    "processor_sha256": sha256_file(proc_dir / "processor.json"),

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 from bigmodel import tracking
 from bigmodel.config import Params
 from bigmodel.errors import BigModelError
-from bigmodel.io import atomic_path, write_json
+from bigmodel.io import atomic_path, read_parquet, reading_parquet, write_json
 from bigmodel.stages import param_keys
 from bigmodel.text import tokenizers
 
@@ -58,7 +58,7 @@ def run_processor(params: Params, name: str, prepared: Path, out: Path) -> str:
         if not train.is_file():
             raise BigModelError(f"{train}: not found (run `bigmodel prepare --name "
                                 f"{params.tokenizer[name].data}` first)")
-        processor = processor_of(pd.read_parquet(train))
+        processor = processor_of(read_parquet(train))
         with atomic_path(out) as tmp:
             tmp.mkdir()
             write_json(tmp / "processor.json", processor)
@@ -78,11 +78,12 @@ def iter_texts(parquet: Path, batch_rows: int = 256) -> Iterator[str]:
     if not parquet.is_file():
         raise BigModelError(f"{parquet}: not found (run `bigmodel prepare` first; a data run "
                             f"without pairs has no seq2seq tables)")
-    names = pq.ParquetFile(parquet).schema_arrow.names
-    columns = ["text"] if "text" in names else ["source", "target"]  # documents, or pairs
-    for batch in pq.ParquetFile(parquet).iter_batches(batch_size=batch_rows, columns=columns):
-        for column in batch.columns:
-            yield from column.to_pylist()
+    with reading_parquet(parquet):
+        names = pq.ParquetFile(parquet).schema_arrow.names
+        columns = ["text"] if "text" in names else ["source", "target"]  # documents, or pairs
+        for batch in pq.ParquetFile(parquet).iter_batches(batch_size=batch_rows, columns=columns):
+            for column in batch.columns:
+                yield from column.to_pylist()
 
 
 def bytes_per_token(tok: Tokenizer, parquet: Path) -> float:

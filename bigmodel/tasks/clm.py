@@ -30,6 +30,7 @@ from bigmodel.models.layers import KVCache
 from bigmodel.text import shards
 from bigmodel.text.shards import Split
 from bigmodel.text.tokenizers import EOT, load as load_tokenizer
+from bigmodel.io import read_parquet
 
 GATE_METRIC, HIGHER_IS_BETTER = "test_bpb", False
 SERVING_INPUT = "prompt"
@@ -218,7 +219,7 @@ def gate_scorer(params: Any, name: str) -> Any:
     test = params.path("data", spec.corpus) / "prepared" / "pretrain_test.parquet"
     if not test.is_file():
         raise BigModelError(f"{test}: not found (run the prepare stage first)")
-    texts = pd.read_parquet(test)["text"].tolist()
+    texts = read_parquet(test)["text"].tolist()
     return lambda model_dir: gate_score(model_dir, texts, cfg.lm_eval_bytes, params.evaluate.batch_size)
 
 

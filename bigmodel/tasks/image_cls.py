@@ -31,6 +31,7 @@ import torch.nn as nn
 from bigmodel.data import images
 from bigmodel.errors import BigModelError
 from bigmodel.models import registry
+from bigmodel.io import read_parquet
 
 GATE_METRIC, HIGHER_IS_BETTER = "macro_f1", True
 GATE_MARGIN = "margin"  # a pretrained ResNet is gated like a finetuned classifier
@@ -140,7 +141,7 @@ def gate_score(model_dir: Path, test: pd.DataFrame, batch_size: int) -> float:
 def gate_scorer(params: Any, name: str) -> Any:
     """A pretrained ResNet serves as it is: scored on its corpus's test images of its classes."""
     spec = params.pretrain[name]
-    test = pd.read_parquet(params.path("data", spec.corpus) / "prepared" / "image_cls_test.parquet")
+    test = read_parquet(params.path("data", spec.corpus) / "prepared" / "image_cls_test.parquet")
     return lambda model_dir: gate_score(model_dir, test, params.evaluate.batch_size)
 
 
@@ -265,7 +266,7 @@ def evaluate(model_dir: Path, train: pd.DataFrame, val: pd.DataFrame, test: pd.D
 
 def _prepared(params: Any, name: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     prepared = params.path("data", params.pretrain[name].corpus) / "prepared"
-    return tuple(pd.read_parquet(prepared / f"image_cls_{s}.parquet")  # type: ignore[return-value]
+    return tuple(read_parquet(prepared / f"image_cls_{s}.parquet")  # type: ignore[return-value]
                  for s in ("train", "val", "test"))
 
 

@@ -31,6 +31,7 @@ from bigmodel.models.seq2seq import Seq2Seq
 from bigmodel.text import shards
 from bigmodel.text.shards import Pairs
 from bigmodel.text.tokenizers import load as load_tokenizer, specials
+from bigmodel.io import read_parquet
 
 GATE_METRIC, HIGHER_IS_BETTER = "bleu", True
 SERVING_INPUT = "source"
@@ -304,7 +305,7 @@ def explain_pretrained(params: Any, name: str, out: Path) -> tuple[dict[str, flo
     test = params.path("data", params.pretrain[name].corpus) / "prepared" / "seq2seq_test.parquet"
     cfg = params.explain
     return seq2seq_explain.explain(Translator(params.path("pretrain", name)),
-                                   pd.read_parquet(test), out, cfg.n_examples, cfg.max_evals,
+                                   read_parquet(test), out, cfg.n_examples, cfg.max_evals,
                                    cfg.max_len, params.seed)
 
 
@@ -317,7 +318,7 @@ def gate_scorer(params: Any, name: str) -> Any:
     test = params.path("data", params.pretrain[name].corpus) / "prepared" / "seq2seq_test.parquet"
     if not test.is_file():
         raise BigModelError(f"{test}: not found (run the prepare stage first)")
-    table = pd.read_parquet(test)
+    table = read_parquet(test)
     sources, references = table["source"].tolist(), table["target"].tolist()
 
     def score(model_dir: Path) -> float:

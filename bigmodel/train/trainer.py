@@ -133,6 +133,9 @@ class Trainer:
         self.window_start = 0
         self.bad_step = torch.full((), NO_STEP, dtype=torch.int64, device=self.device)
         self.last_good: tuple[int, Path] | None = None  # (step, folder) of the last checkpoint
+        # what the last log interval and evaluation reported: what a run resumed at its last
+        # step (killed after its final checkpoint) reports without taking a step
+        self.last_loss, self.last_eval = float("nan"), {}  # type: ignore[var-annotated]
 
     def _optimizer(self) -> torch.optim.Optimizer:
         # Weight decay on matrices only; norms, biases (and nothing else 1-D) are not decayed.
@@ -180,8 +183,8 @@ class Trainer:
         start = time.perf_counter()
         t_last, first_step = start, self.step
         units_last = units_first = count()
-        train_loss = float("nan")
-        metrics: dict[str, float] = {}
+        train_loss = self.last_loss
+        metrics: dict[str, float] = dict(self.last_eval)
         self.model.train()
         while self.step < self.max_steps:
             lr = lr_at(self.step, cfg, self.max_steps)
@@ -198,7 +201,7 @@ class Trainer:
                 # a checkpoint also on non-finite weights, so no bad checkpoint is ever written.
                 window = self._check_finite(weights=due_checkpoint)
             if due_log:
-                train_loss = window / (self.step - self.window_start)
+                train_loss = self.last_loss = window / (self.step - self.window_start)
                 now = time.perf_counter()
                 units = count()
                 tok_s = (units - units_last) / (now - t_last)
@@ -215,6 +218,7 @@ class Trainer:
             if self.step % eval_interval == 0 or last:
                 metrics = self.run_eval(evaluate)
                 if metrics:
+                    self.last_eval = dict(metrics)
                     log(metrics, self.step)
             if due_checkpoint:
                 checkpoint()  # type: ignore[misc]
@@ -331,19 +335,23 @@ class Trainer:
             # a tied matrix is stored once (loading puts it back under each of its names)
             save_file({k: v.contiguous() for k, v in weights.items() if k not in self.tied},
                       str(tmp / "model.safetensors"))
-            torch.save(
-                {
-                    "optimizer": optim,
-                    "rng": rngs,  # one entry per rank
-                    "loss_window": {"sum": window.cpu(), "start": self.window_start},
-                    "extra_tensors": {k: v for k, v in extra_state.items() if torch.is_tensor(v)},
-                },
-                tmp / "trainer.pt",
-            )
+            # through a Python file, so a refused write surfaces as its OSError (io.refused_write)
+            with open(tmp / "trainer.pt", "wb") as f:
+                torch.save(
+                    {
+                        "optimizer": optim,
+                        "rng": rngs,  # one entry per rank
+                        "loss_window": {"sum": window.cpu(), "start": self.window_start},
+                        "extra_tensors": {k: v for k, v in extra_state.items()
+                                          if torch.is_tensor(v)},
+                    },
+                    f,
+                )
             plain = {k: v for k, v in extra_state.items() if not torch.is_tensor(v)}
             meta = {"step": self.step, "world_size": self.world.size,
                     "parallel": "fsdp" if self.sharded else "ddp" if self.world.distributed else "none",
-                    "next_lr": lr_at(self.step, self.cfg, self.max_steps)}
+                    "next_lr": lr_at(self.step, self.cfg, self.max_steps),
+                    "last_loss": self.last_loss, "last_eval": self.last_eval}
             (tmp / "state.json").write_text(json.dumps({**meta, **plain}, indent=2))
 
     def load_checkpoint(self, directory: Path) -> dict[str, Any]:
@@ -356,13 +364,22 @@ class Trainer:
 
         if not (directory / "state.json").is_file():
             raise BigModelError(f"{directory}: no checkpoint to resume from")
-        blob = torch.load(directory / "trainer.pt", weights_only=True, map_location="cpu")
+        try:
+            blob = torch.load(directory / "trainer.pt", weights_only=True, map_location="cpu")
+            weights = load_file(str(directory / "model.safetensors"))
+            state = json.loads((directory / "state.json").read_text())
+        except Exception as e:  # truncated, corrupt, or not ours: torch, safetensors, json
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
+            raise BigModelError(f"{directory}: not a readable checkpoint ({first}); delete it "
+                                f"to start again") from None
         if "rng" not in blob or any(isinstance(k, int) for k in blob["optimizer"].get("state", {})):
             raise BigModelError(f"{directory}: written by an older bigmodel (optimizer state "
                                 f"without parameter names); start again without --resume")
-        weights = load_file(str(directory / "model.safetensors"))
         for alias, name in self.tied.items():  # the tied matrix under each of its names
-            weights[alias] = weights[name]
+            if name in weights:
+                weights[alias] = weights[name]
+        # (under FSDP a shard's shape is the whole parameter's)
+        check_shapes(weights, self.model.state_dict(), f"{directory / 'model.safetensors'}")
         options = StateDictOptions(full_state_dict=True)  # every rank reads the whole file
         set_model_state_dict(self.model, weights, options=options)
         set_optimizer_state_dict(self.model, self.optimizer, blob["optimizer"], options=options)
@@ -370,12 +387,26 @@ class Trainer:
         set_rng_state(rngs[self.world.rank % len(rngs)])  # another world size: rank mod old size
         self.window_sum.copy_(blob["loss_window"]["sum"])
         self.window_start = int(blob["loss_window"]["start"])
-        state = json.loads((directory / "state.json").read_text())
         self.step = int(state.pop("step"))
+        self.last_loss = float(state.pop("last_loss", float("nan")))
+        self.last_eval = dict(state.pop("last_eval", {}))
         for key in ("world_size", "parallel", "next_lr"):
             state.pop(key, None)
         self.last_good = (self.step, directory)
         return {**state, **blob["extra_tensors"]}
+
+
+def check_shapes(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], where: str) -> None:
+    """A BigModelError naming the first difference when saved weights do not fit the model."""
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or extra:
+        raise BigModelError(f"{where}: holds the weights of another architecture (missing "
+                            f"{missing[:3]}, unexpected {extra[:3]}); delete it to start again")
+    for name, tensor in want.items():
+        if tuple(got[name].shape) != tuple(tensor.shape):
+            raise BigModelError(f"{where}: {name} is {list(got[name].shape)} but the model "
+                                f"needs {list(tensor.shape)} (another architecture or "
+                                f"vocabulary); delete it to start again")
 
 
 def _clock(seconds: float) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from bigmodel.io import ASIDE
 from tests.conftest import stage_env
 
 VAL_BATCHES = 2
@@ -145,7 +147,7 @@ def wait_until_hung(root: Path, proc: subprocess.Popen, ranks: int = 1) -> list[
 
 def checkpoint_step(root: Path) -> int | None:
     try:
-        return json.loads((root / "models/pretrain/gpt/checkpoint/state.json").read_text())["step"]
+        return json.loads((root / "models/checkpoints/gpt/state.json").read_text())["step"]
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
@@ -159,32 +161,156 @@ def outcome(root: Path) -> tuple[dict, str, dict]:
             load_file(root / "models/pretrain/gpt/model.safetensors"))
 
 
+# Freezes the process at the n-th matching call of one point of the run (KILL_AT="point:n"),
+# leaving its pid in hung.0, so the test SIGKILLs it there. Points inside a checkpoint write
+# (io.atomic_path on models/checkpoints/gpt) and the final model write are reached by wrapping
+# the calls they make; "draw" is a batch draw, between two optimizer steps.
+KILL = """
+import os, shutil, torch
+import bigmodel.stages.pretrain as stage
+import bigmodel.train.trainer as trainer
+from bigmodel.io import ASIDE
+point, n = os.environ["KILL_AT"].split(":")
+n, calls, replace, rmtree = int(n), [0], os.replace, shutil.rmtree
+
+def freeze():
+    with open(".hung.0", "w") as f:
+        f.write(str(os.getpid()))
+    replace(".hung.0", "hung.0")
+    time.sleep(600)
+
+def due(name):
+    if name == point:
+        calls[0] += 1
+        return calls[0] == n
+    return False
+
+draw = pretrain.WindowSampler.__call__
+def drawing(self):
+    if due("draw"):
+        freeze()
+    return draw(self)
+pretrain.WindowSampler.__call__ = drawing
+
+save_file = trainer.save_file
+def saving_weights(*a, **k):  # the checkpoint's weights are written, the rest is not
+    save_file(*a, **k)
+    if due("weights"):
+        freeze()
+trainer.save_file = saving_weights
+
+save = torch.save
+def saving(obj, f, *a, **k):  # trainer.pt half written
+    name = str(getattr(f, "name", f))
+    if name.endswith("trainer.pt") and due("trainer_pt"):
+        save(obj, f, *a, **k)
+        f.flush()
+        os.truncate(name, os.path.getsize(name) // 2)
+        freeze()
+    return save(obj, f, *a, **k)
+torch.save = saving
+
+def replacing(src, dst, *a, **k):  # the old checkpoint is aside, the new one not yet in
+    replace(src, dst, *a, **k)
+    if str(dst).endswith(ASIDE) and due("swap"):
+        freeze()
+os.replace = replacing
+
+def removing(path, *a, **k):
+    if str(path).endswith(ASIDE):
+        if due("settle"):  # the new checkpoint is in, the old one not yet deleted
+            freeze()
+        if due("half_delete"):  # the old one half deleted
+            victim = sorted(p for p in os.listdir(path))[0]
+            os.remove(os.path.join(path, victim))
+            freeze()
+    return rmtree(path, *a, **k)
+shutil.rmtree = removing
+
+build_save = stage.registry.save
+def saving_final(*a, **k):  # the final model written to its temporary folder only
+    build_save(*a, **k)
+    if due("final"):
+        freeze()
+stage.registry.save = saving_final
+
+publish = stage.publish
+def publishing(*a, **k):  # the final model in place, MLflow not yet told
+    if due("publish"):
+        freeze()
+    return publish(*a, **k)
+stage.publish = publishing
+"""
+
+
+def started_from(output: str) -> int | None:
+    """The checkpoint step a `pretrain --resume` said it continued from (None: from step 0)."""
+    if "no checkpoint in" in output and "starting from step 0" in output:
+        return None
+    found = re.search(r"resuming from the checkpoint at step (\d+)", output)
+    assert found, f"the run said neither where it resumed nor that it started afresh:\n{output}"
+    return int(found.group(1))
+
+
+def resumed_draw(step: int, checkpoint: int) -> int:
+    """Which batch draw of a process resumed at `checkpoint` is the one of `step`."""
+    return VAL_BATCHES + (step - checkpoint - 1) + 1
+
+
+# (where the process is killed, the checkpoint step on disk once the next start has recovered
+# what the kill left). 30 steps, a checkpoint every 5; spread over the run's life, six of the
+# eleven inside a checkpoint or final-model write.
+KILLS = [
+    (f"draw:{hang_draw(3)}", None),  # before the first checkpoint: the next run starts at 0
+    ("weights:1", None),  # the first checkpoint's weights written, nothing else
+    (f"draw:{hang_draw(8)}", 5),
+    ("swap:1", 5),  # checkpoint 10: old renamed aside, new not in: the old comes back
+    ("settle:1", 10),  # checkpoint 10 in place, the old one beside it: deleted
+    ("trainer_pt:1", 10),  # checkpoint 15: its optimizer state half written
+    ("half_delete:1", 15),  # checkpoint 15 in, the old one half deleted
+    (f"draw:{resumed_draw(21, 15)}", 20),  # after the evaluation and checkpoint at step 20
+    ("weights:2", 25),  # checkpoint 30 half written, 25 kept
+    ("final:1", 30),  # the last checkpoint written, the final model not yet in place
+    ("publish:1", 30),  # the final model in place, the MLflow run not finished
+]
+
+
 @pytest.mark.slow
-def test_resume_after_sigkill_reaches_the_same_loss_and_weights_bitwise(tmp_path):
+def test_sigkill_anywhere_then_resume_reaches_the_uninterrupted_weights_bitwise(tmp_path):
     reference = tiny_project(tmp_path / "reference")
     done = pretrain(reference)
     assert done.returncode == 0, done.stderr
 
     killed = tiny_project(tmp_path / "killed")
-    proc = subprocess.Popen(pretrain_cmd(killed, patch=HANG.format(draw=hang_draw(18))),
-                            cwd=killed, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    with reaped(killed, proc):
-        [pid] = wait_until_hung(killed, proc)  # in step 18: steps 16, 17 are taken, not saved
-        assert checkpoint_step(killed) == 15
-        os.kill(pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    assert not (killed / "models/pretrain/gpt/model.safetensors").exists()
-
+    ckpt = killed / "models/checkpoints/gpt"
+    before = None  # the checkpoint step the next start must find, once it recovered the last kill
+    for point, after in KILLS:
+        log = killed / f"{point}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(pretrain_cmd(killed, "--resume", patch=KILL), cwd=killed,
+                                    env={**env(), "KILL_AT": point}, stdout=out,
+                                    stderr=subprocess.STDOUT)
+            with reaped(killed, proc):
+                [pid] = wait_until_hung(killed, proc)
+                os.kill(pid, signal.SIGKILL)
+                assert proc.wait(timeout=30) == -signal.SIGKILL
+        (killed / "hung.0").unlink()
+        assert started_from(log.read_text()) == before, (point, log.read_text()[-2000:])
+        if point == "swap:1":  # the moment the old folder replaced nothing: none in place
+            assert not ckpt.exists() and (ckpt.parent / f".gpt{ASIDE}").is_dir()
+        before = after
     resumed = pretrain(killed, "--resume")
     assert resumed.returncode == 0, resumed.stderr
+    assert started_from(resumed.stdout) == 30
     metrics, curve, weights = outcome(killed)
     ref_metrics, ref_curve, ref_weights = outcome(reference)
     assert metrics == ref_metrics and metrics["steps"] == 30
-    assert curve == ref_curve  # train loss (its log window straddled the kill) and val loss
+    assert curve == ref_curve  # train loss (its log windows straddled kills) and val loss
     assert weights.keys() == ref_weights.keys()
     assert all(weights[k].equal(ref_weights[k]) for k in weights)
-    assert [p.name for p in (killed / "models/pretrain/gpt").iterdir() if p.name.startswith(".")] == []
+    leftovers = [p.name for d in (killed / "models/pretrain/gpt", ckpt.parent)
+                 for p in d.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
 
 
 @pytest.mark.slow
@@ -194,7 +320,7 @@ def test_a_diverging_run_exits_2_with_one_line_and_keeps_the_last_good_checkpoin
     result = pretrain(root, patch=NAN.format(step=13))
 
     assert result.returncode == 2
-    ckpt = root / "models/pretrain/gpt/checkpoint"
+    ckpt = root / "models/checkpoints/gpt"
     # (MLflow's own warnings and INFO lines may come before it)
     assert result.stderr.strip().splitlines()[-1] == (
         "error: training diverged: loss is nan at step 13 (lower the learning rate); "
@@ -204,3 +330,38 @@ def test_a_diverging_run_exits_2_with_one_line_and_keeps_the_last_good_checkpoin
     weights = load_file(ckpt / "model.safetensors")
     assert all(math.isfinite(float(w.abs().max())) for w in weights.values())
     assert not (root / "models/pretrain/gpt/model.safetensors").exists()  # no final model either
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted((root / "models").rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_refused_write_ends_with_one_line_and_keeps_the_previous_model_and_checkpoint(tmp_path):
+    # A model whose optimizer state (trainer.pt, twice the weights) is over a file-size limit
+    # its weights and the tracking store stay under: the checkpoint write at step 5 is refused.
+    import resource
+
+    root = tiny_project(tmp_path / "disk", n_embd=256, n_head=4, max_steps=10,
+                        checkpoint_interval=5, eval_interval=5)
+    assert pretrain(root).returncode == 0
+    before = files_of(root)
+    weights = len(before["models/checkpoints/gpt/model.safetensors"])
+    limit = weights * 3 // 2
+    assert len(before["models/checkpoints/gpt/trainer.pt"]) > limit
+    assert (root / "mlflow.db").stat().st_size < limit // 2
+
+    def file_size_limit() -> None:  # writes past it fail with EFBIG instead of killing
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    refused = subprocess.run(pretrain_cmd(root), cwd=root, env=env(), capture_output=True,
+                             text=True, timeout=300, preexec_fn=file_size_limit)
+    assert refused.returncode == 74, refused.stderr
+    assert "Traceback" not in refused.stderr
+    [line] = [l for l in refused.stderr.splitlines() if l.startswith("error")]
+    assert line == (f"error: {root / 'models/checkpoints/gpt'}: the filesystem refused the write "
+                    f"(over the file-size limit); free some space and run again (the previous "
+                    f"gpt, if any, is kept)")
+    assert files_of(root) == before  # the model and checkpoint of the first run, byte for byte
