@@ -7,8 +7,10 @@ import argparse
 import importlib
 import sys
 import time
+from typing import Any
 
-from bigmodel.errors import BigModelError, DiskFull, TransientError
+from bigmodel import workspace
+from bigmodel.errors import BigModelError, DiskFull, TransientError, unreachable
 from bigmodel.io import refused_write
 from bigmodel.stages import KINDS
 
@@ -79,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "promote":
             from bigmodel import promote
 
-            for decision in promote.run(params):
-                print(decision.line())
+            with workspace.held(params.root, "promote"):
+                for decision in promote.run(params):
+                    print(decision.line())
             return 0
         if args.command == "generate":
             from bigmodel.tasks.clm import TextGenerator
@@ -101,24 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         module_name, section = KINDS[args.command]
         name = config.pick_run(getattr(params, section), args.name, section)
-        if args.command == "pretrain" and args.nproc > 1:
-            from bigmodel.train import distributed
-
-            # a batch that does not split fails here, before any process starts
-            distributed.World(size=args.nproc).share(params.pretrain[name].batch_size,
-                                                     f"pretrain.{name}.batch_size")
-            return distributed.launch(args.nproc, [
-                "pretrain", "--params", args.params, "--name", name,
-                *[a for o in args.overrides for a in ("--set", o)],
-                *(["--resume"] if args.resume else []),
-            ])
-        module = importlib.import_module(module_name)
-        kwargs = {"resume": args.resume} if args.command == "pretrain" else {}
-        start = time.perf_counter()
-        summary = module.run(params, name, **kwargs)
-        print(f"{args.command}@{name}: done in {time.perf_counter() - start:.1f}s  "
-              f"{summary or ''}".rstrip())
-        return 0
+        with workspace.held(params.root, f"{args.command}@{name}"):
+            return run_stage(args, params, module_name, name)
     except TransientError as e:
         print(f"error (transient): {e}", file=sys.stderr)
         return EXIT_TRANSIENT
@@ -137,6 +124,35 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not unreachable(e):
+            raise  # a bug: its traceback is the report
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        print(f"error (transient): the tracking server did not answer ({first}); the stage can "
+              f"be retried: it resumes from its last checkpoint", file=sys.stderr)
+        return EXIT_TRANSIENT
+
+
+def run_stage(args: argparse.Namespace, params: Any, module_name: str, name: str) -> int:
+    """One stage instance, in this process or (`--nproc`) under torchrun."""
+    if args.command == "pretrain" and args.nproc > 1:
+        from bigmodel.train import distributed
+
+        # a batch that does not split fails here, before any process starts
+        distributed.World(size=args.nproc).share(params.pretrain[name].batch_size,
+                                                 f"pretrain.{name}.batch_size")
+        return distributed.launch(args.nproc, [
+            "pretrain", "--params", args.params, "--name", name,
+            *[a for o in args.overrides for a in ("--set", o)],
+            *(["--resume"] if args.resume else []),
+        ])
+    module = importlib.import_module(module_name)
+    kwargs = {"resume": args.resume} if args.command == "pretrain" else {}
+    start = time.perf_counter()
+    summary = module.run(params, name, **kwargs)
+    print(f"{args.command}@{name}: done in {time.perf_counter() - start:.1f}s  "
+          f"{summary or ''}".rstrip())
+    return 0
 
 
 if __name__ == "__main__":

@@ -731,10 +731,7 @@ def overridden(path: str | Path, overrides: Mapping[str, Any] | None) -> Iterato
     values the stages used. The original text is kept beside it and put back afterwards, even on
     failure; a backup left by a killed run stops the next one instead of being overwritten."""
     path = Path(path)
-    backup = backup_of(path)
-    if backup.exists():
-        raise BigModelError(f"{backup} exists: an earlier run with overrides was interrupted; "
-                            f"put it back with `mv {backup} {path}` (or delete it) first")
+    backup = refuse_leftover_backup(path)
     params = load(path)
     if not overrides:
         yield params
@@ -758,6 +755,16 @@ def overridden(path: str | Path, overrides: Mapping[str, Any] | None) -> Iterato
     finally:
         path.write_text(original)
         backup.unlink()
+
+
+def refuse_leftover_backup(path: Path) -> Path:
+    """The backup path of a params file; a BigModelError if a killed run left one (the file
+    then holds that run's overrides, which no run should take for the user's params)."""
+    backup = backup_of(path)
+    if backup.exists():
+        raise BigModelError(f"{backup} exists: an earlier run with overrides was interrupted; "
+                            f"put it back with `mv {backup} {path}` (or delete it) first")
+    return backup
 
 
 def validate(raw: dict[str, Any], source: str = "params") -> Params:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,19 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from bigmodel.config import Params
-from bigmodel.errors import TransientError
+from bigmodel.errors import TransientError, unreachable
 
 PARENT_ENV = "BIGMODEL_PARENT_RUN_ID"
 FLOW_RUN_ENV = "BIGMODEL_FLOW_RUN_ID"
 URI_ENV = "BIGMODEL_TRACKING_URI"
 # The experiment's kind for the MLflow UI: model training, not GenAI (see also UI_VIEW).
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
+# MLflow's own defaults retry a request for about two minutes (7 retries, backoff factor 2);
+# a stage keeps its metrics across an outage instead (StageRun), so it asks only briefly.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 def tracking_uri(params: Params) -> str:
@@ -46,6 +53,9 @@ def configure(params: Params) -> str:
     for logger in ("mlflow.store.db.utils", "alembic.runtime.migration"):
         logging.getLogger(logger).setLevel(logging.WARNING)
     uri = tracking_uri(params)
+    if uri.startswith("http"):  # a server that is down: fail within seconds, not minutes
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
     mlflow.set_tracking_uri(uri)
     name = params.tracking.experiment
     try:
@@ -61,8 +71,9 @@ def configure(params: Params) -> str:
             if EXPERIMENT_KIND not in exp.tags:
                 MlflowClient().set_experiment_tag(exp_id, EXPERIMENT_KIND, MODEL_TRAINING)
     except MlflowException as e:
-        if "connect" in str(e).lower() or "max retries" in str(e).lower():
-            raise TransientError(f"MLflow tracking server at {uri} did not answer: {e}") from None
+        if unreachable(e):
+            raise TransientError(f"MLflow tracking server at {uri} did not answer: "
+                                 f"{str(e).splitlines()[0][:200]}") from None
         raise
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
@@ -101,12 +112,51 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 @dataclass
 class StageRun:
-    """Handle given to a stage: log metrics and artifacts into its run."""
+    """Handle given to a stage: log metrics and artifacts into its run.
+
+    Metrics survive a tracking server that stops answering mid-stage: they are kept, with their
+    steps and times, and delivered in one batch once it answers again (tried again at most every
+    RETRY_S seconds, so training does not wait on it); the stage's end delivers what is left,
+    or fails as transient (exit 75: the flow retries it, from its last checkpoint)."""
 
     run_id: str
+    pending: list = field(default_factory=list)  # [(key, value, timestamp ms, step)]
+    retry_at: float = 0.0
+    outage: bool = False
+    RETRY_S = 10.0
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+        now = int(time.time() * 1000)
+        self.pending.extend((k, float(v), now, step or 0) for k, v in values.items())
+        self.deliver()
+
+    def deliver(self, final: bool = False) -> None:
+        from mlflow.entities import Metric
+
+        if not self.pending or (not final and time.monotonic() < self.retry_at):
+            return
+        client = MlflowClient()
+        try:
+            while self.pending:
+                batch = self.pending[:1000]  # MLflow's limit for one batch
+                client.log_batch(self.run_id, metrics=[Metric(*m) for m in batch])
+                del self.pending[:len(batch)]
+        except Exception as e:
+            if not unreachable(e):
+                raise
+            if final:
+                raise TransientError(f"MLflow tracking server at {mlflow.get_tracking_uri()} did "
+                                     f"not answer at the stage's end; {len(self.pending)} metric "
+                                     f"values were not delivered") from None
+            if not self.outage:
+                print(f"tracking: the MLflow server did not answer; training goes on and its "
+                      f"metrics are kept until it answers", flush=True)
+            self.outage, self.retry_at = True, time.monotonic() + self.RETRY_S
+            return
+        if self.outage:
+            print("tracking: the MLflow server answers again; the metrics kept meanwhile are "
+                  "delivered", flush=True)
+            self.outage = False
 
     def artifact(self, path: str | Path, subdir: str | None = None) -> None:
         path = Path(path)
@@ -167,7 +217,9 @@ def stage_run(stage: str, params: Params, keys: list[str]) -> Iterator[StageRun]
         tags=lineage_tags(params, stage, keys),
     ) as run:
         mlflow.log_params(flatten({k: params.value(k) for k in keys}))
-        yield StageRun(run.info.run_id)
+        handle = StageRun(run.info.run_id)
+        yield handle
+        handle.deliver(final=True)
 
 
 @contextmanager

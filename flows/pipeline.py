@@ -7,7 +7,8 @@ an MLflow child run that then gets DVC's hashes of its inputs and outputs (linea
 output reaches the flow's log line by line as it runs (progress: step of total, loss,
 throughput, ETA), without DVC's git hints. The `source@*` snapshots are always refreshed, so
 new data is seen.
-Only transient failures (exit code 75, e.g. a tracking server that did not answer) are retried.
+Only transient failures (exit code 75, e.g. a tracking server that did not answer) are retried,
+with BIGMODEL_RESUME=1: a pretraining stage continues from its last checkpoint.
 After the stages, the champion gate (bigmodel.promote) moves the registry's `champion` alias to
 a better model. The flow ends with a markdown report: a Prefect artifact,
 reports/pipeline_report.md, and an artifact of the parent MLflow run.
@@ -32,10 +33,11 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
+from prefect.runtime import flow_run, task_run
 
-from bigmodel import config, promote, tracking
+from bigmodel import config, promote, tracking, workspace
 from bigmodel.cli import EXIT_TRANSIENT
+from bigmodel.workspace import RESUME_ENV
 from bigmodel.errors import BigModelError
 from bigmodel.io import read_json, write_text
 from flows.report import render_report
@@ -105,7 +107,12 @@ def run_stage(stage: str, root: str, force: bool = False) -> StageOutcome:
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []),
            stage]
     lines = []
-    with subprocess.Popen(cmd, cwd=root, env=stage_env(), stdout=subprocess.PIPE,
+    env = stage_env()
+    if (task_run.run_count or 1) > 1:  # a retry after a transient failure: continue, not restart
+        env[RESUME_ENV] = "1"
+        logger.info(f"{stage}: try {task_run.run_count}; a pretraining stage resumes from its "
+                    f"last checkpoint")
+    with subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
         for line in proc.stdout:  # type: ignore[union-attr]
             line = line.rstrip("\n")
@@ -236,7 +243,8 @@ def pipeline(params_file: str = "params.yaml", root: str | None = None,
     run_name = flow_run.get_name() or "local"
     os.environ[tracking.FLOW_RUN_ENV] = flow_run.get_id() or ""
     # a bad params file or override fails here, before any work
-    with config.overridden(root_path / params_file, overrides) as params:
+    with workspace.held(root_path, "pipeline"), \
+            config.overridden(root_path / params_file, overrides) as params:
         with tracking.pipeline_run(params, f"pipeline {run_name}",
                                    {"prefect.flow_run": run_name,
                                     "bigmodel.overrides": json.dumps(overrides or {})}):
@@ -262,9 +270,13 @@ def metrics_of(params: config.Params) -> dict[str, dict[str, dict]]:
 def run_main(run: Callable[[], Any], describe: Callable[[Any], list[str]],
              params_file: Path = ROOT / "params.yaml") -> int:
     """A flow as a command: user errors exit 2 and failed stages 1, each with one line. The
-    params file is checked first, so a bad one stops before Prefect starts (and logs a trace)."""
+    params file and the workspace lock are checked first, so a bad file or a run already going
+    stops before Prefect starts (and logs a trace)."""
     try:
+        config.refuse_leftover_backup(params_file)
         config.load(params_file)
+        with workspace.held(params_file.parent, "check"):  # a run already going: one line, now
+            pass
         result = run()
     except BigModelError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,7 +23,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from bigmodel import config, tracking
+from bigmodel import config, tracking, workspace
 from bigmodel.io import read_json
 from flows.pipeline import ROOT, StageFailed, execute, finish, gate, run_main, stage_env
 
@@ -75,7 +75,8 @@ def retrain(params_file: str = "params.yaml", root: str | None = None,
     root_path = Path(root) if root else ROOT
     run_name = flow_run.get_name() or "local"
     os.environ[tracking.FLOW_RUN_ENV] = flow_run.get_id() or ""
-    with config.overridden(root_path / params_file, overrides) as params:
+    with workspace.held(root_path, "retrain"), \
+            config.overridden(root_path / params_file, overrides) as params:
         before = source_digest(params)
         with tracking.pipeline_run(params, f"retrain {run_name}",
                                    {"prefect.flow_run": run_name, "bigmodel.flow": "retrain",

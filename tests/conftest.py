@@ -77,7 +77,8 @@ def make_project(root: Path, overrides: dict | None = None, with_flows: bool = F
     for section, names in (only or {}).items():
         params[section] = {k: v for k, v in params[section].items() if k in names}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (root / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n/reports/pipeline_report.md\n")
+    (root / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n/reports/pipeline_report.md\n"
+                                     "/.bigmodel/\n/models/checkpoints/\n")
     git(root, "init", "-q")
     dvc(root, "init", "-q")
     dvc(root, "config", "core.analytics", "false")

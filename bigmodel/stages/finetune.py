@@ -111,7 +111,8 @@ def run(params: Params, name: str) -> str:
                           ["train_loss", *[k for k in metrics if k.startswith("val_")]])
         mlrun.artifact(params.plot_file("finetune", name), "plots")
         registered = params.registered_name(name)
-        version = register(mlrun, out, registered, example_texts(val_t) if tok else None)
+        version = register(mlrun, out, registered, example_texts(val_t) if tok else None,
+                           params.serving)
     return (f"{objective.select} {metrics[objective.select]:.3f} (best of {spec.epochs} epochs: "
             f"{metrics['best_epoch']:.0f}); registered {registered} v{version}")
 
@@ -142,14 +143,15 @@ def image_model(backbone: torch.nn.Module, info: dict[str, Any], spec: Any, name
     return backbone, labels, head_info, lr_scale
 
 
-def register(mlrun: tracking.StageRun, out: Path, registered: str, example: list[str] | None) -> str:
+def register(mlrun: tracking.StageRun, out: Path, registered: str, example: list[str] | None,
+             limits: Any = None) -> str:
     from bigmodel import serving
 
     with tempfile.TemporaryDirectory() as d:  # the logged copy holds the model files only
         for file in ("model.safetensors", "config.json", "tokenizer.json", "processor.json"):
             if (out / file).is_file():
                 shutil.copy(out / file, Path(d) / file)
-        version = serving.log_model(mlrun, Path(d), registered, example)
+        version = serving.log_model(mlrun, Path(d), registered, example, limits)
     write_json(out / "registry.json", {"name": registered, "version": version, "run_id": mlrun.run_id})
     return version
 

@@ -36,6 +36,7 @@ from bigmodel.text import shards
 from bigmodel.text.tokenizers import load as load_tokenizer, specials
 from bigmodel.train import distributed
 from bigmodel.train.distributed import World
+from bigmodel.workspace import RESUME_ENV
 from bigmodel.train.trainer import FitResult, History, Trainer, pick_device, seed_everything
 
 OUTPUTS = ("model.safetensors", "config.json", "tokenizer.json", "processor.json",
@@ -167,7 +168,7 @@ def publish(params: Params, name: str, model: nn.Module, result: FitResult, hist
     # a text generator or a seq2seq model serves as it is (its task has a predictor to `load`);
     # an MLM encoder is served through its finetunes
     if hasattr(importlib.import_module(f"bigmodel.tasks.{spec.objective}"), "load"):
-        version = register(mlrun, out, params.registered_name(name))
+        version = register(mlrun, out, params.registered_name(name), params.serving)
         registered = f"; registered {params.registered_name(name)} v{version}"
     metrics = {
         "train_loss": result.train_loss,
@@ -186,7 +187,6 @@ def publish(params: Params, name: str, model: nn.Module, result: FitResult, hist
             f"{result.tokens_per_s:,.0f} {unit.replace('_', ' ')}/s{registered}")
 
 
-RESUME_ENV = "BIGMODEL_RESUME"  # set by the flow when it retries a stage
 
 
 def resume_from(ckpt: Path, identity: dict[str, Any], asked: bool, label: str) -> bool:
@@ -236,7 +236,8 @@ def recover_outputs(out: Path, names: tuple[str, ...] | list[str] = OUTPUTS) -> 
                 print(f"pretrain: {done} (in {out})", flush=True)
 
 
-def register(mlrun: tracking.StageRun, out: Path, registered_name: str) -> str:
+def register(mlrun: tracking.StageRun, out: Path, registered_name: str,
+             limits: Any = None) -> str:
     """Log weights, config and tokenizer (not the training checkpoint) as the servable model;
     note the registry version in the model folder."""
     from bigmodel import serving
@@ -245,7 +246,7 @@ def register(mlrun: tracking.StageRun, out: Path, registered_name: str) -> str:
         for file in ("model.safetensors", "config.json", "tokenizer.json", "processor.json"):
             if (out / file).is_file():
                 shutil.copy(out / file, Path(d) / file)
-        version = serving.log_model(mlrun, Path(d), registered_name)
+        version = serving.log_model(mlrun, Path(d), registered_name, limits=limits)
     write_json(out / "registry.json", {"name": registered_name, "version": version,
                                        "run_id": mlrun.run_id})
     return version

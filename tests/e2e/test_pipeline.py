@@ -3,6 +3,7 @@
 import json
 import re
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -81,9 +82,22 @@ def test_tiny_pipeline_runs_every_family_end_to_end_then_reruns_only_what_change
     s2s_file = json.loads((project / "reports/metrics/evaluate-pretrain/seq2seq.json").read_text())
     assert len(s2s_file["examples"]) == 5  # (dvc metrics show leaves lists out)
     images = shown["reports/metrics/evaluate/resnet-cls.json"]["data"]
-    assert images["task"] == "image_cls" and 0 <= images["test"]["ece"] <= 1
+    assert images["task"] == "image_cls"
     assert {"majority", "pixel_logreg"} <= set(images["baselines"])
     assert images["test"]["accuracy"] > images["baselines"]["majority"]["accuracy"]
+    # the scores are those of the predictions the stage saved: accuracy, and ECE by its
+    # definition over the saved reliability bins (which hold every prediction once)
+    images = json.loads((project / "reports/metrics/evaluate/resnet-cls.json").read_text())
+    predictions = pd.read_csv(project / "reports/evaluate/resnet-cls/predictions.csv",
+                              dtype={"actual": str, "predicted": str})
+    bins = pd.read_csv(project / "reports/evaluate/resnet-cls/reliability.csv")
+    n, correct = len(predictions), predictions["actual"] == predictions["predicted"]
+    assert n > 0 and bins["count"].sum() == n
+    assert images["test"]["accuracy"] == pytest.approx(correct.mean())
+    assert (bins["count"] * bins["accuracy"]).sum() == pytest.approx(correct.sum())
+    ece = (bins["count"] / n * (bins["accuracy"] - bins["confidence"]).abs()).sum()
+    assert images["test"]["ece"] == pytest.approx(ece, abs=1e-6)
+    assert images["test"]["ece"] >= abs(correct.mean() - predictions["confidence"].mean()) - 1e-4
 
     # MLflow: one pipeline run with every stage instance nested under it, each with metrics,
     # and each logging as params exactly the values DVC hashed for it

@@ -4,21 +4,79 @@ and MLflow holds its runs. No mocks, no in-process harness."""
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import io
 import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import GPT_ONLY, make_project, stage_env
+from tests.conftest import GPT_ONLY, REPO, make_project, stage_env
 from tests.servers import free_port, running
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
+WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+
+def promised_schedule() -> dict:
+    """What the README promises of the scheduled retraining: its deployment, cron, weekday,
+    time and timezone (`bigmodel-retrain/retrain` — cron `0 3 * * 1` (Mondays 03:00 UTC))."""
+    m = re.search(r"`(?P<flow>[\w-]+)/(?P<deployment>[\w-]+)` — cron `(?P<cron>[^`]+)` "
+                  r"\((?P<day>[A-Z][a-z]+)s (?P<hour>\d\d):(?P<minute>\d\d) (?P<tz>[\w/]+)\)",
+                  (REPO / "README.md").read_text())
+    assert m, "README.md no longer says when the retrain deployment runs"
+    return {"flow": m["flow"], "deployment": m["deployment"], "cron": m["cron"],
+            "weekday": WEEKDAYS.index(m["day"]), "hour": int(m["hour"]),
+            "minute": int(m["minute"]), "timezone": m["tz"]}
+
+
+def test_retrain_is_scheduled_when_the_readme_says_on_a_flow_that_takes_its_parameters():
+    """prefect.yaml as `prefect deploy` reads it (Prefect's own validation and schedule
+    building), the run times Prefect's scheduler computes from it, and the flow a worker loads
+    from its entrypoint; no server needed."""
+    from prefect.cli.deploy._config import _load_deploy_configs_and_actions
+    from prefect.cli.deploy._schedules import _schedule_config_to_deployment_schedule
+    from prefect.flows import Flow, load_flow_from_entrypoint
+    from prefect.server.schemas.schedules import CronSchedule
+    from rich.console import Console
+
+    promised = promised_schedule()
+    log = io.StringIO()
+    configs, _ = _load_deploy_configs_and_actions(REPO / "prefect.yaml", console=Console(file=log))
+    assert configs, f"Prefect read no deployments from prefect.yaml: {log.getvalue()}"
+    [retrain] = [c for c in configs if c["name"] == promised["deployment"]]
+    [scheduled] = [_schedule_config_to_deployment_schedule(s) for s in retrain["schedules"]]
+    schedule = scheduled["schedule"]
+    assert scheduled.get("active", True) is True
+    assert (schedule.cron, schedule.timezone) == (promised["cron"], promised["timezone"])
+
+    # the next runs Prefect's scheduler would create: every week, that weekday at that time
+    start = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)  # a Sunday
+    runs = asyncio.run(CronSchedule(cron=schedule.cron, timezone=schedule.timezone,
+                                    day_or=schedule.day_or).get_dates(8, start=start))
+    zone = ZoneInfo(promised["timezone"])
+    local = [r.astimezone(zone) for r in runs]
+    assert len(local) == 8 and start <= runs[0] < start + dt.timedelta(days=7)
+    for when in local:
+        assert (when.weekday(), when.hour, when.minute, when.second) == (
+            promised["weekday"], promised["hour"], promised["minute"], 0), when
+    assert all(b - a == dt.timedelta(days=7) for a, b in zip(runs, runs[1:]))
+
+    # the entrypoint is a flow of that name, importable as the worker imports it, and it
+    # accepts the deployment's parameters
+    path, _, func = retrain["entrypoint"].partition(":")
+    assert (REPO / path).is_file()
+    flow = load_flow_from_entrypoint(f"{REPO / path}:{func}", use_placeholder_flow=False)
+    assert isinstance(flow, Flow) and flow.name == promised["flow"]
+    assert set(retrain["parameters"]) <= set(flow.parameters.properties)
+    flow.validate_parameters(retrain["parameters"])
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +109,12 @@ def test_deployment_run_completes_on_a_worker_and_is_tracked(prefect_server, tmp
     prefect(env, project, "work-pool", "set-concurrency-limit", "bigmodel", "1")
     prefect(env, project, "deploy", "--all")
 
-    # the scheduled retraining deployment carries its cron
-    retrain = json.loads(prefect(env, project, "deployment", "inspect", "bigmodel-retrain/retrain",
-                                 "--output", "json"))
-    crons = [s["schedule"]["cron"] for s in retrain["schedules"]]
-    assert crons == [yaml.safe_load((project / "prefect.yaml").read_text())
-                     ["deployments"][1]["schedules"][0]["cron"]]
+    # the scheduled retraining deployment, as the server holds it, runs when the README says
+    promised = promised_schedule()
+    retrain = json.loads(prefect(env, project, "deployment", "inspect",
+                                 f"{promised['flow']}/{promised['deployment']}", "--output", "json"))
+    assert [(s["schedule"]["cron"], s["schedule"]["timezone"], s["active"])
+            for s in retrain["schedules"]] == [(promised["cron"], promised["timezone"], True)]
     assert retrain["work_pool_name"] == "bigmodel"
 
     with running([PREFECT, "worker", "start", "--pool", "bigmodel", "--limit", "1"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,6 +93,14 @@ def registered_versions(root: Path) -> list[str]:
     return [str(v.version) for v in client.search_model_versions("name='bigmodel-gpt'")]
 
 
+def done_lines(log_dir: Path, stage: str) -> dict[int, list[str]]:
+    """Each local rank's `<stage>: done` lines, from the stdout that torchrun's `--tee` keeps
+    apart per rank (<log_dir>/<run id>/attempt_0/<local rank>/stdout.log)."""
+    return {int(f.parent.name): [ln for ln in f.read_text().splitlines()
+                                 if ln.startswith(f"{stage}: done")]
+            for f in log_dir.glob("*/attempt_0/*/stdout.log")}
+
+
 def held(root: Path) -> list[int]:
     return [int((root / f"held.{rank}").read_text()) for rank in range(len(list(root.glob("held.*"))))]
 
@@ -103,8 +112,10 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path, singl
     root = tiny_project(tmp_path / parallel, **SETTINGS, parallel=parallel)
     script = tmp_path / "counting_pretrain.py"
     script.write_text(SCRIPT.format(patch=COUNT))
-    done = subprocess.run(  # torchrun as `--nproc 2` runs it, on the script that counts
-        [*TORCHRUN, "--local-ranks-filter", "0", str(script), "pretrain",
+    logs = tmp_path / "torchrun-logs"
+    done = subprocess.run(  # torchrun as `--nproc 2` runs it, on the script that counts; every
+        # rank's output kept, each in its own file (not rank 0's alone, as `--nproc` shows)
+        [*TORCHRUN, "--tee", "3", "--log-dir", str(logs), str(script), "pretrain",
          "--params", str(root / "params.yaml")],
         cwd=root, env=env(), capture_output=True, text=True, timeout=300, check=False)
 
@@ -120,10 +131,16 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path, singl
     assert weights.keys() == want.keys()
     for name, tensor in want.items():
         torch.testing.assert_close(weights[name], tensor, atol=TOLERANCE, rtol=0, msg=name)
-    # rank 0 alone: one MLflow run, one registered version, one summary line
+    # rank 0 alone: one MLflow run, one registered version, one summary line (the other rank
+    # trains to the end and notes only its step)
     assert len(pretrain_runs(root)) == 1 and registered_versions(root) == ["1"]
-    assert done.stdout.count("pretrain@gpt: done") == 1
-    state = json.loads((root / "models/pretrain/gpt/checkpoint/state.json").read_text())
+    lines = done_lines(logs, "pretrain@gpt")
+    assert sorted(lines) == [0, 1], lines
+    [summary], [other] = lines[0], lines[1]
+    assert re.fullmatch(r"pretrain@gpt: done in [\d.]+s  step 30: train loss .*"
+                        r"; registered bigmodel-gpt v1", summary), summary
+    assert re.fullmatch(r"pretrain@gpt: done in [\d.]+s  rank 1: step 30", other), other
+    state = json.loads((root / "models/checkpoints/gpt/state.json").read_text())
     assert (state["step"], state["world_size"], state["parallel"]) == (30, 2, parallel)
 
 
@@ -150,3 +167,6 @@ def test_a_run_killed_on_both_ranks_resumes_on_the_single_process_curve(
     assert resumed.returncode == 0, resumed.stderr
     assert_same_curve(curve(root), single_curve)  # steps 1-15 come from the checkpoint
     assert len(pretrain_runs(root)) == 2 and registered_versions(root) == ["1"]
+    # `--nproc` shows rank 0's console alone: one done line, the summary (not "rank 1: ...")
+    [line] = [ln for ln in resumed.stdout.splitlines() if ln.startswith("pretrain@gpt: done")]
+    assert "  step 30: train loss " in line and line.endswith("; registered bigmodel-gpt v1")

@@ -454,7 +454,13 @@ def test_evaluate_scores_the_val_split_and_leaves_the_model_in_its_mode(training
     assert metrics["val_loss"] == pytest.approx(F.cross_entropy(logits, obj.val.y).item(), rel=1e-5)
     accuracy = (logits.argmax(-1) == obj.val.y).float().mean().item()
     assert metrics["val_accuracy"] == pytest.approx(accuracy)
-    assert 0 <= metrics["val_macro_f1"] <= 1
+    predicted, actual = logits.argmax(-1), obj.val.y
+    f1 = []  # per class 2TP / (2TP + FP + FN), 0 for a class never predicted right
+    for c in range(len(LABELS)):
+        tp = int(((predicted == c) & (actual == c)).sum())
+        wrong = int(((predicted == c) != (actual == c)).sum())  # FP + FN
+        f1.append(2 * tp / (2 * tp + wrong) if tp else 0.0)
+    assert metrics["val_macro_f1"] == pytest.approx(sum(f1) / len(f1))
     assert score(model, obj.val, LABELS, batch_size=4) == pytest.approx(
         score(model, obj.val, LABELS, batch_size=256))  # batching does not change a score
 
