@@ -5,7 +5,8 @@ on checkpoints and on outputs. Whoever starts first takes `.bigmodel/run.lock` (
 lock: a killed holder releases it with its last file descriptor, so no stale lock survives a
 crash) and writes who it is into it; a second run stops at once with one line naming the first.
 The stages a pipeline starts (through DVC, in processes of their own) are part of its run: they
-find the holder's token in their environment and go ahead.
+find the holder's token in their environment and go ahead; so do torchrun's workers, whose
+rank 0 holds the workspace for them all.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def lock_file(root: Path) -> Path:
 def held(root: Path, what: str) -> Iterator[None]:
     """Hold the workspace for `what` ("pipeline", "pretrain@gpt"), or join the run that holds
     it when this process was started by it (its token is in the environment)."""
+    if int(os.environ.get("RANK", "0") or 0) > 0:
+        yield  # a torchrun worker: rank 0 holds the workspace for them all
+        return
     path = lock_file(Path(root).resolve())
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -2,8 +2,9 @@
 run's token shards (the one trainer, bigmodel/train/trainer.py, for every family).
 
 Output: `models/pretrain/<run>/` model.safetensors + config.json (family, task = objective,
-architecture) + tokenizer.json (the final model, a folder that stands on its own) and
-checkpoint/ (what `--resume` continues from); metrics/pretrain/<run>.json;
+architecture) + tokenizer.json (the final model, a folder that stands on its own);
+`models/checkpoints/<run>/` (what `--resume` continues from: not a DVC output, so a retried
+stage finds it); metrics/pretrain/<run>.json;
 plots/pretrain/<run>.csv. A model whose task serves as it is (a causal LM: text generator; a
 seq2seq model: text in, text out) is also logged to MLflow and registered as `bigmodel-<run>`.
 

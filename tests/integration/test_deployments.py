@@ -1,6 +1,7 @@
 """prefect.yaml for real: a Prefect server and a process worker on 127.0.0.1, `prefect deploy
---all`, then `prefect deployment run` of the pipeline with an override; the flow run completes
-and MLflow holds its runs. No mocks, no in-process harness."""
+--all`, then two `prefect deployment run`s of the pipeline with an override, started together:
+the pool runs them one after the other, both complete, and MLflow holds their runs. No mocks, no
+in-process harness."""
 
 from __future__ import annotations
 
@@ -93,6 +94,28 @@ def prefect_server(tmp_path_factory):  # noqa: ANN001, ANN201
         yield env
 
 
+FLOW_RUNS = """
+import asyncio, json, sys
+from prefect.client.orchestration import get_client
+
+async def main(ids):
+    async with get_client() as client:
+        runs = [await client.read_flow_run(i) for i in ids]
+    print(json.dumps([{"state": r.state.type.value, "start": r.start_time.isoformat(),
+                       "end": r.end_time.isoformat()} for r in runs]))
+
+asyncio.run(main(sys.argv[1:]))
+"""
+
+
+def flow_runs(env: dict[str, str], cwd: Path, *ids: str) -> list[dict[str, str]]:
+    """State, start and end (ISO, UTC) of flow runs, as the Prefect server holds them."""
+    proc = subprocess.run([sys.executable, "-c", FLOW_RUNS, *ids], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def prefect(env: dict[str, str], cwd: Path, *args: str, timeout: int = 120) -> str:
     proc = subprocess.run([PREFECT, "--no-prompt", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -117,23 +140,31 @@ def test_deployment_run_completes_on_a_worker_and_is_tracked(prefect_server, tmp
             for s in retrain["schedules"]] == [(promised["cron"], promised["timezone"], True)]
     assert retrain["work_pool_name"] == "bigmodel"
 
+    # two runs at once: the pool (concurrency limit 1) runs the second after the first
+    override = ["--param", 'overrides={"pretrain.gpt.max_steps": 20}']
     with running([PREFECT, "worker", "start", "--pool", "bigmodel", "--limit", "1"],
                  tmp_path / "worker", env, cwd=project):
-        out = prefect(env, project, "deployment", "run", "bigmodel-pipeline/pipeline",
-                      "--param", 'overrides={"pretrain.gpt.max_steps": 20}',
+        queued = prefect(env, project, "deployment", "run", "bigmodel-pipeline/pipeline", *override)
+        out = prefect(env, project, "deployment", "run", "bigmodel-pipeline/pipeline", *override,
                       "--watch", "--watch-interval", "3", "--watch-timeout", "600", timeout=660)
     assert "Flow run finished successfully in 'Completed'" in out, out[-2000:]
-    flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
+    flow_run_id, second_id = (re.search(r"UUID:\s*([0-9a-f-]{36})", o).group(1)
+                              for o in (queued, out))
+    first, second = flow_runs(env, project, flow_run_id, second_id)
+    assert first["state"] == second["state"] == "COMPLETED"
+    assert first["end"] <= second["start"], (first, second)  # one after the other, not together
 
-    # MLflow (the project's own store) holds the pipeline run of that flow run, stages nested
+    # MLflow (the project's own store) holds the pipeline run of each flow run, stages nested
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     exp = client.get_experiment_by_name("bigmodel")
     runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1
-    assert parents[0].data.tags["bigmodel.prefect_flow_run_id"] == flow_run_id
-    assert json.loads(parents[0].data.tags["bigmodel.overrides"]) == {"pretrain.gpt.max_steps": 20}
-    stages = {r.data.tags["bigmodel.stage"] for r in runs if r is not parents[0]}
+    parents = {r.data.tags["bigmodel.prefect_flow_run_id"]: r for r in runs
+               if "mlflow.parentRunId" not in r.data.tags}
+    assert set(parents) == {flow_run_id, second_id}
+    parent = parents[flow_run_id]
+    assert json.loads(parent.data.tags["bigmodel.overrides"]) == {"pretrain.gpt.max_steps": 20}
+    stages = {r.data.tags["bigmodel.stage"] for r in runs
+              if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert {"source@stdlib", "pretrain@gpt", "finetune@gpt-cls", "evaluate@gpt-cls",
             "explain@gpt-cls"} <= stages
     pretrain = json.loads((project / "reports/metrics/pretrain/gpt.json").read_text())

@@ -135,7 +135,7 @@ def test_a_seq2seq_model_learns_a_small_parallel_text_and_is_scored_by_sacrebleu
     ddp = bigmodel(tmp_path, "pretrain", "--name", "mt", "--nproc", "2",
                    "--set", "pretrain.mt.max_steps=20")
     assert ddp.stdout.count("pretrain@mt: done") == 1
-    state = json.loads((tmp_path / "models/pretrain/mt/checkpoint/state.json").read_text())
+    state = json.loads((tmp_path / "models/checkpoints/mt/state.json").read_text())
     assert (state["step"], state["world_size"], state["parallel"]) == (20, 2, "ddp")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert sorted(str(v.version) for v in client.search_model_versions("name='bigmodel-mt'")) \

@@ -100,7 +100,8 @@ def test_what_a_stage_logs_as_params_is_what_dvc_yaml_lists_for_it(params):
     from bigmodel.stages import param_keys
 
     params._root = config.Path(__file__).resolve().parents[2]  # the repo's dvc.yaml
-    assert param_keys(params, "pretrain", "bert") == ["seed", "pretrain.bert", "tracking.model_prefix"]
+    assert param_keys(params, "pretrain", "bert") == ["seed", "pretrain.bert", "tracking.model_prefix",
+                                                      "serving"]
     assert param_keys(params, "tokenize", "gpt") == ["tokenize", "pretrain.gpt.corpus",
                                                      "pretrain.gpt.tokenizer"]
     assert param_keys(params, "source", "stdlib") == ["data.stdlib"]
