@@ -57,6 +57,10 @@ def run(params: Params, name: str) -> str:
     pre_dir, out = params.path("pretrain", spec.base), params.path("finetune", name)
     prepared = params.path("data", spec.data) / "prepared"
     train_t, val_t = (read_split(prepared, spec.task, s, name) for s in ("train", "val"))
+    family, found = params.pretrain[spec.base].family, registry.read_config(pre_dir)["family"]
+    if found != family:  # a folder copied from another run, or a stale output
+        raise BigModelError(f"{pre_dir / 'config.json'}: holds a {found} model, but "
+                            f"pretrain.{spec.base} is a {family} run; rerun pretrain@{spec.base}")
     backbone, info = registry.load_backbone(pre_dir, dropout=spec.dropout)
     objective_mod = importlib.import_module(f"bigmodel.objectives.{spec.task}")
     lr_scale = None

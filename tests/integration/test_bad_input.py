@@ -125,6 +125,18 @@ def images(folder: str, classes: dict[str, int]) -> Callable[[Path], list[str]]:
     return args
 
 
+def conll_run(folder: str, text: str) -> Callable[[Path], list[str]]:
+    """A tagged data run `ner` of one CoNLL file, in a params file of its own."""
+    def args(root: Path) -> list[str]:
+        raw(folder, {"a.conll": text})(root)
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["data"]["ner"] = {"source": "files",
+                                 "files": {"format": "conll", "glob": f"cases/{folder}/*.conll"}}
+        (root / f"case-{folder}.yaml").write_text(yaml.safe_dump(params))  # paths from root
+        return ["prepare", "--name", "ner", "--params", str(root / f"case-{folder}.yaml")]
+    return args
+
+
 def params_file(text: str) -> Callable[[Path], list[str]]:
     def args(root: Path) -> list[str]:
         (root / "cases").mkdir(exist_ok=True)
@@ -232,6 +244,10 @@ CASES = [
                                               "*.jsonl"), "a.jsonl"),
     Case("raw-csv-without-text-column", with_raw("csv", {"a.csv": "body,label\nx,y\n"}, "*.csv"),
          "text"),
+    Case("raw-tsv-without-text-column", with_raw("tsv", {"a.tsv": "body\tlabel\nx\ty\n"}, "*.tsv"),
+         "text"),
+    Case("raw-conll-line-with-one-column", conll_run("conll1", "Paris B-LOC\nsaid\n"), "a.conll:2"),
+    Case("raw-conll-tag-not-iob", conll_run("conll2", "Paris LOCATION\n"), "LOCATION"),
     Case("raw-label-column-missing", with_raw("nolabel", {"a.jsonl": '{"text": "x", "group": "g"}\n'},
                                               "*.jsonl"), "label"),
     Case("raw-unsupported-format", with_raw("xls", {"a.xlsx": b"PK\x03\x04"}, "*.xlsx"), "a.xlsx"),
@@ -267,6 +283,9 @@ CASES = [
     Case("pretrained-with-another-tokenizer", json_edit("models/pretrain/gpt/config.json",
                                                         {"tokenizer_sha256": "1" * 64}, FINETUNE),
          "tokenizer.json"),
+    Case("pretrained-model-of-another-family", json_edit("models/pretrain/gpt/config.json",
+                                                         {"family": "bert"}, FINETUNE),
+         "holds a bert model, but pretrain.gpt is a gpt run"),
     Case("finetuned-model-missing", broken("remove", "models/finetune/gpt-cls",
                                            ["evaluate", "--name", "gpt-cls"]),
          "models/finetune/gpt-cls"),
