@@ -13,6 +13,14 @@ os.environ.update(
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
 )
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# Under pytest-xdist each worker gets a Prefect home of its own (settings, local result storage)
+# and one thread for torch (and the stage processes it starts): two workers on two cores
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    os.environ["PREFECT_HOME"] = os.path.join(
+        os.environ.get("PREFECT_HOME") or os.path.expanduser("~/.prefect"),
+        os.environ["PYTEST_XDIST_WORKER"])
 
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
