@@ -21,6 +21,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["PREFECT_HOME"] = os.path.join(
         os.environ.get("PREFECT_HOME") or os.path.expanduser("~/.prefect"),
         os.environ["PYTEST_XDIST_WORKER"])
+    os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
 
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
