@@ -37,9 +37,11 @@ from bigmodel.text import shards
 from bigmodel.text.tokenizers import load as load_tokenizer, specials
 from bigmodel.train import distributed
 from bigmodel.train.distributed import World
-from bigmodel.workspace import RESUME_ENV
 from bigmodel.train.trainer import FitResult, History, Trainer, pick_device, seed_everything
+from bigmodel.workspace import RESUME_ENV
 
+# params a pretrain stage lists that do not change what it trains: a checkpoint stays resumable
+NOT_TRAINING = ("tracking.model_prefix", "serving")
 OUTPUTS = ("model.safetensors", "config.json", "tokenizer.json", "processor.json",
            "registry.json")
 
@@ -101,8 +103,7 @@ def train(params: Params, name: str, resume: bool, world: World) -> str:
         recover_outputs(out)
         recover_outputs(ckpt.parent, [name])
     world.barrier()
-    identity = {"params": {k: params.value(k) for k in param_keys(params, "pretrain", name)},
-                "data_sha256": sha256_file(tokens_dir / "meta.json")}
+    identity = training_identity(params, name, tokens_dir)
     history = History(lambda values, step: None)
     if resume_from(ckpt, identity, resume, f"pretrain@{name}"):
         state = trainer.load_checkpoint(ckpt)
@@ -188,6 +189,13 @@ def publish(params: Params, name: str, model: nn.Module, result: FitResult, hist
             f"{result.tokens_per_s:,.0f} {unit.replace('_', ' ')}/s{registered}")
 
 
+def training_identity(params: Params, name: str, tokens_dir: Path) -> dict[str, Any]:
+    """What a checkpoint is continued only with: the params its training depends on (those
+    dvc.yaml lists for the stage but the registry's name and the served limits) and the token
+    shards' hash."""
+    keys = [k for k in param_keys(params, "pretrain", name) if k not in NOT_TRAINING]
+    return {"params": {k: params.value(k) for k in keys},
+            "data_sha256": sha256_file(tokens_dir / "meta.json")}
 
 
 def resume_from(ckpt: Path, identity: dict[str, Any], asked: bool, label: str) -> bool:

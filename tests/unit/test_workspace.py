@@ -132,3 +132,16 @@ def test_a_backup_left_by_a_killed_run_stops_the_next_run_with_one_line(tmp_path
                                   f"interrupted; put it back with `mv {backup} {path}` (or "
                                   f"delete it) first")
     assert backup.read_bytes() == original  # nothing overwritten
+
+
+def test_a_checkpoint_is_tied_to_the_training_params_not_the_served_limits(tmp_path):  # noqa: ANN001
+    from bigmodel.stages.pretrain import training_identity
+    from tests.conftest import REPO
+
+    (tmp_path / "meta.json").write_text("{}")
+    base = training_identity(config.load(REPO / "params.yaml"), "gpt", tmp_path)
+    served = config.load(REPO / "params.yaml", ["serving.max_rows=8", "tracking.model_prefix=x-"])
+    trained = config.load(REPO / "params.yaml", ["pretrain.gpt.n_embd=64"])
+    assert training_identity(served, "gpt", tmp_path) == base
+    assert training_identity(trained, "gpt", tmp_path) != base
+    assert "seed" in base["params"] and "pretrain.gpt" in base["params"]
