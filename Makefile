@@ -9,6 +9,9 @@ STAMP := $(VENV)/.installed
 export DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# The flows' temporary Prefect server migrates a fresh database on its first start: on a busy
+# 2-core machine that can take longer than Prefect's default wait of 20 s
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
