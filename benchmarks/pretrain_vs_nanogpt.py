@@ -1,190 +1,283 @@
-"""bigmodel's pretraining against nanoGPT's CPU "baby GPT" reference, on the same text.
+"""bigmodel's pretraining against nanoGPT, both run here, alternating, on the same text.
 
-    python benchmarks/pretrain_vs_nanogpt.py [--data FILE] [--mode config|time] [options]
+    python benchmarks/pretrain_vs_nanogpt.py [--data FILE] [--rounds N] [--peer DIR]
+        [--set KEY=VALUE ...] [--time-set KEY=VALUE ...]
 
---mode config  nanoGPT's config exactly (character level, n_layer 4, n_head 4, n_embd 128,
-               block 64, batch 12, dropout 0, AdamW lr 1e-3 cosine to 1e-4 over 2000 iters,
-               warmup 100, betas 0.9/0.99, weight decay 0.1, clip 1.0, eval every 250 iters on
-               20 batches) trained by bigmodel's Trainer and GPT: compare tokens/s and val loss.
---mode time    bigmodel's chosen settings for the same wall time as the reference (--seconds):
-               compare val bits per byte at equal time.
+Each round runs three processes, one after another, on this machine:
 
-Data as nanoGPT's shakespeare_char prepares it: first 90% of characters train, last 10% val.
-The character vocabulary comes from the train part (bigmodel's `char` tokenizer; unseen
-characters map to <|unk|>). Prints a markdown block: tokens/s (median over log intervals, and
-overall; a log interval's figure counts training time only), its 10th and 90th percentiles
-over the log intervals (the host's load shows as a second, slower band), wall time including
-evaluation, val loss (nats/char) as nanoGPT estimates it (20
-random batches) and over the whole val split, val bits per byte, peak RSS.
+1. nanoGPT's CPU "baby GPT" through PEER/run_nanogpt.sh (character level, n_layer 4, n_head 4,
+   n_embd 128, block 64, batch 12, dropout 0, AdamW lr 1e-3 cosine to 1e-4 over 2000 iters,
+   warmup 100, betas 0.9/0.99, weight decay 0.1, clip 1.0, 20 eval batches every 250 iters);
+2. bigmodel's Trainer and GPT at that config (`same config`, `--set` changes one setting of
+   it, e.g. `--set precision=fp32`);
+3. bigmodel with its own settings (SAME_TIME, `--time-set` changes them) for the wall time
+   nanoGPT took in this round (`same time`).
+
+Data as nanoGPT's shakespeare_char prepares it: the first 90% of characters train, the last
+10% are val; bigmodel's `char` tokenizer is trained on the train part (an unseen character is
+<|unk|>) and the token ids are written once, before the rounds, as nanoGPT's prepare step does.
+
+Figures, per process: tokens/s (the median over log intervals of 10 iterations; bigmodel's
+leave evaluation out, nanoGPT's median skips the intervals that hold one), wall time from the
+process's start to the end of its last evaluation, val loss by nanoGPT's estimator (20 random
+val batches; bigmodel's also over the whole val split, after the clock stops), val bits per
+byte, peak RSS of the training process (nanoGPT's from GNU time, bigmodel's from wait4). The
+ratio is given round by round: the machine's speed drifts between runs, so no figure is ever
+divided by one from another run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import platform
-import resource
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import yaml
 
-from bigmodel import config
-from bigmodel.errors import BigModelError
-from bigmodel.tasks.clm import window_loss
-from bigmodel.models import gpt as gpt_lib
-from bigmodel.text.tokenizers import train_char
-from bigmodel.objectives.clm import WindowSampler, lm_loss
-from bigmodel.train.trainer import Trainer, seed_everything
-from machine import commit, cpu_model
+from machine import ROOT, commit, cpu_model
 
-REFERENCE = {  # ../shared/data/README.md: nanoGPT, 2 cores, torch 2.13.0 CPU, quiet machine, twice
-    "wall_s": (93.9, 95.7), "tokens_per_s": 16_500, "val_loss": 1.7565, "val_bpb": 2.500,
-}
-BABY = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0, lr=1e-3,
-            min_lr=1e-4, warmup_steps=100, beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
-            max_steps=2000, eval_interval=250, eval_batches=20, log_interval=10, device="cpu")
+NANOGPT = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0,
+               lr=1e-3, min_lr=1e-4, warmup_steps=100, beta1=0.9, beta2=0.99, weight_decay=0.1,
+               grad_clip=1.0, max_steps=2000, eval_interval=250, eval_batches=20,
+               log_interval=10, device="cpu", precision="bf16")
+# bigmodel's settings for the same wall time: nanoGPT's shape, a higher learning rate; the
+# step count is set from the measured speed of the run's first steps (inside the warm-up,
+# whose learning rate does not depend on it)
+SAME_TIME = dict(NANOGPT, lr=3e-3, min_lr=3e-4, eval_interval=10**9)
+RESULT = "RESULT "
 
 
-def load(path: Path) -> tuple[np.ndarray, np.ndarray, float, int]:
-    text = path.read_text(encoding="utf-8")
+# --- the driver ---------------------------------------------------------------------------
+
+def prepare(text_file: Path, into: Path) -> dict[str, float]:
+    """Write train.npy / val.npy (uint16 token ids) and return the split's facts."""
+    from bigmodel.text.tokenizers import train_char
+
+    text = text_file.read_text(encoding="utf-8")
     cut = int(len(text) * 0.9)
     train_text, val_text = text[:cut], text[cut:]
     tok = train_char(iter([train_text]))
+    for name, part in (("train", train_text), ("val", val_text)):
+        chunks = [part[i:i + (1 << 16)] for i in range(0, len(part), 1 << 16)]
+        ids = [np.asarray(e.ids, dtype=np.uint16)  # a few chunks at a time: an Encoding is heavy
+               for j in range(0, len(chunks), 8)
+               for e in tok.encode_batch(chunks[j:j + 8], add_special_tokens=False)]
+        np.save(into / f"{name}.npy", np.concatenate(ids))
+    return {"vocab": tok.get_vocab_size(), "train_chars": len(train_text),
+            "val_chars": len(val_text), "val_bytes_per_char": len(val_text.encode()) / len(val_text)}
 
-    def encode(s: str, chunk: int = 1 << 16) -> np.ndarray:  # in chunks: an Encoding is heavy
-        return np.concatenate([
-            np.asarray(e.ids, dtype=np.uint16)
-            for e in tok.encode_batch([s[i:i + chunk] for i in range(0, len(s), chunk)],
-                                      add_special_tokens=False)])
 
-    val = encode(val_text)
-    return encode(train_text), val, len(val_text.encode("utf-8")) / len(val), tok.get_vocab_size()
+def child(cmd: list[str]) -> tuple[str, float, float]:
+    """Run cmd; (its output, seconds from start to exit, its peak RSS in MB)."""
+    start = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()  # type: ignore[union-attr]
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        sys.exit(f"error: {' '.join(cmd[:3])} ... exited {proc.returncode}:\n{out[-2000:]}")
+    return out, time.time() - start, usage.ru_maxrss / 1024
 
 
-def train(cfg: config.GPTPretrain, train_ids: np.ndarray, val_ids: np.ndarray, vocab: int,
-          seed: int, eval_every: int) -> dict[str, float]:
-    seed_everything(seed)
-    gcfg = gpt_lib.GPTConfig(vocab_size=vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
-    model = gpt_lib.GPT(gcfg)
-    trainer = Trainer(model, cfg, cfg.max_steps)
-    sampler = WindowSampler(train_ids, cfg.block_size, cfg.batch_size, seed, trainer.device)
-    val_sampler = WindowSampler(val_ids, cfg.block_size, cfg.batch_size, seed + 1, trainer.device)
-    train_est = WindowSampler(train_ids, cfg.block_size, cfg.batch_size, seed + 2, trainer.device)
+def run_peer(script: Path, text_file: Path) -> dict[str, float]:
+    out, _, _ = child(["bash", str(script), str(text_file), sys.executable])
+    line = next((ln for ln in out.splitlines() if ln.startswith("nanogpt ")), None)
+    if line is None:
+        sys.exit(f"error: {script} printed no figures:\n{out[-2000:]}")
+    return {k: float(v) for k, v in re.findall(r"(\w+)=([0-9.]+)", line)}
 
-    def evaluate() -> dict[str, float]:  # nanoGPT's estimate_loss: 20 random batches per split
-        out = {}
-        for name, s in (("train", train_est), ("val", val_sampler)):
-            out[f"est_{name}_loss"] = torch.stack(
-                [lm_loss(model, s()) for _ in range(cfg.eval_batches)]).mean().item()
-        return out
 
-    rows: list[dict[str, float]] = []
-    start = time.perf_counter()
-    result = trainer.fit(sampler, lm_loss, evaluate=evaluate, eval_interval=eval_every,
-                         log=lambda row, step: rows.append({**row, "step": step}),
-                         log_interval=cfg.log_interval,
-                         tokens_per_step=cfg.batch_size * cfg.block_size * cfg.grad_accum,
-                         progress=False)
-    wall = time.perf_counter() - start
-    model.eval()
-    with torch.no_grad():
-        full_val = window_loss(model, val_ids, cfg.block_size, 64)
-    rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
-    deciles = statistics.quantiles(rates, n=10)
-    return {"steps": result.step, "wall_s": wall, "median_tokens_per_s": statistics.median(rates),
-            "p10_tokens_per_s": deciles[0], "p90_tokens_per_s": deciles[-1],
-            "overall_tokens_per_s": result.tokens_per_s, "est_val_loss": result.eval_metrics["est_val_loss"],
-            "full_val_loss": full_val, "params": model.num_params()}
+def run_ours(mode: str, prepared: Path, overrides: list[str], seconds: float = 0.0
+             ) -> dict[str, float]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode,
+           "--prepared", str(prepared), "--started", repr(time.time()), "--seconds", str(seconds)]
+    for item in overrides:
+        cmd += ["--set", item]
+    out, _, rss = child(cmd)
+    line = next(ln for ln in out.splitlines() if ln.startswith(RESULT))
+    return {**json.loads(line[len(RESULT):]), "peak_rss_mb": rss}
 
 
 def main() -> int:
-    here = Path(__file__).resolve().parent
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=here.parents[1] / "shared/data/war_and_peace.txt")
-    ap.add_argument("--mode", choices=["config", "time"], default="config")
-    ap.add_argument("--seconds", type=float, default=sum(REFERENCE["wall_s"]) / 2,
-                    help="time budget for --mode time (default: the reference's mean wall time)")
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/war_and_peace.txt")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--peer", type=Path, default=ROOT.parent / "shared/peers",
+                    help="the folder holding run_nanogpt.sh and nanogpt/")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="change one training setting, e.g. --set lr=2e-3 (repeatable)")
-    ap.add_argument("--seed", type=int, default=1337)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+                    help="change one setting of bigmodel's same-config run (repeatable)")
+    ap.add_argument("--time-set", dest="time_overrides", action="append", default=[],
+                    metavar="KEY=VALUE", help="change one setting of the same-time run")
+    ap.add_argument("--no-time", action="store_true", help="leave the same-time runs out")
+    ap.add_argument("--worker", choices=["config", "time"], help=argparse.SUPPRESS)
+    ap.add_argument("--prepared", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--started", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--seconds", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    script = args.peer / "run_nanogpt.sh"
+    if not script.is_file():
+        print(f"error: the nanoGPT peer is not at {script}: this benchmark runs it beside "
+              f"bigmodel (pass --peer DIR, the folder holding run_nanogpt.sh)", file=sys.stderr)
+        return 2
     if not args.data.is_file():
         print(f"error: {args.data}: not found (pass --data FILE)", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    raw = dict(BABY)
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        raw[key] = yaml.safe_load(value)
-    try:  # the same one-line errors as params.yaml gives
-        config.validate({"pretrain": {"gpt": {"family": "gpt", **raw}}, "finetune": {}})
-    except BigModelError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if args.rounds < 1:
+        print("error: --rounds must be at least 1", file=sys.stderr)
         return 2
-    train_ids, val_ids, bytes_per_char, vocab = load(args.data)
-    if args.mode == "time":
-        raw.update(max_steps=calibrate_steps(raw, args.seconds, args.seed, train_ids, vocab),
-                   eval_interval=10**9)
-    cfg = config.GPTPretrain(**raw)
-    res = train(cfg, train_ids, val_ids, vocab, args.seed,
-                cfg.eval_interval if args.mode == "config" else cfg.max_steps)
-    bpb = lambda loss: loss / math.log(2) / bytes_per_char  # noqa: E731
-    ref = REFERENCE
-    print(f"### pretrain vs nanoGPT: --mode {args.mode} ({time.strftime('%Y-%m-%d')})\n")
-    print(f"Command: `python benchmarks/pretrain_vs_nanogpt.py {' '.join(sys.argv[1:])}` "
-          f"(commit {commit()})  ")
-    print(f"Machine: {torch.get_num_threads()} torch threads, {cpu_model()}, torch "
-          f"{torch.__version__}, Python {platform.python_version()}  ")
-    print(f"Settings: {', '.join(f'{k}={v}' for k, v in raw.items())}  ")
-    print(f"Data: {args.data.name}, {len(train_ids):,} train / {len(val_ids):,} val characters, "
-          f"vocabulary {vocab}; {res['params']:,} parameters\n")
-    print("| figure | bigmodel | nanoGPT reference | ratio |")
-    print("|---|---:|---:|---:|")
-    print(f"| steps | {res['steps']} | 2000 | |")
-    print(f"| tokens/s (median over log intervals) | {res['median_tokens_per_s']:,.0f} | "
-          f"{ref['tokens_per_s']:,} | {res['median_tokens_per_s'] / ref['tokens_per_s']:.2f}x |")
-    print(f"| tokens/s, 10th / 90th percentile of log intervals | {res['p10_tokens_per_s']:,.0f} / "
-          f"{res['p90_tokens_per_s']:,.0f} | | {res['p10_tokens_per_s'] / ref['tokens_per_s']:.2f}x / "
-          f"{res['p90_tokens_per_s'] / ref['tokens_per_s']:.2f}x |")
-    print(f"| tokens/s (overall, incl. evaluation) | {res['overall_tokens_per_s']:,.0f} | | |")
-    print(f"| wall time, s | {res['wall_s']:.1f} | {ref['wall_s'][0]}, {ref['wall_s'][1]} | "
-          f"{res['wall_s'] / (sum(ref['wall_s']) / 2):.2f}x |")
-    print(f"| val loss, 20 random batches (nats/char) | {res['est_val_loss']:.4f} | "
-          f"{ref['val_loss']} | |")
-    print(f"| val loss, whole val split (nats/char) | {res['full_val_loss']:.4f} | | |")
-    print(f"| val bits per byte, 20 random batches (the reference's estimator) | "
-          f"{bpb(res['est_val_loss']):.3f} | {ref['val_bpb']:.3f} | "
-          f"{bpb(res['est_val_loss']) / ref['val_bpb']:.3f}x |")
-    print(f"| val bits per byte, whole val split | {bpb(res['full_val_loss']):.3f} | | |")
-    print(f"| peak RSS, MB | {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} | "
-          "≈ 370 | |")
+    bad = check_settings([NANOGPT, *args.overrides], [SAME_TIME, *args.time_overrides])
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="bigmodel-vs-nanogpt-") as tmp:
+        facts = prepare(args.data, Path(tmp))
+        rounds = []
+        for r in range(1, args.rounds + 1):
+            peer = run_peer(script, args.data)
+            print(f"round {r}: nanoGPT {peer}", file=sys.stderr, flush=True)
+            same = run_ours("config", Path(tmp), args.overrides)
+            print(f"round {r}: bigmodel same config {same}", file=sys.stderr, flush=True)
+            timed = None
+            if not args.no_time:
+                timed = run_ours("time", Path(tmp), args.time_overrides, peer["wall_s"])
+                print(f"round {r}: bigmodel same time {timed}", file=sys.stderr, flush=True)
+            rounds.append((peer, same, timed))
+    report(args, facts, rounds)
     return 0
 
 
-def calibrate_steps(raw: dict, seconds: float, seed: int, train_ids: np.ndarray, vocab: int) -> int:
-    """Steps that fit the time budget: time 60 steps of this config (after 10 warm-up steps)."""
-    probe = config.GPTPretrain(**{**raw, "max_steps": 70, "eval_interval": 10**9, "log_interval": 10})
+def check_settings(*runs: list) -> str | None:
+    from bigmodel import config
+    from bigmodel.errors import BigModelError
+
+    for base, *items in runs:
+        try:
+            config.validate({"pretrain": {"gpt": {"family": "gpt", **settings(base, items)}},
+                             "finetune": {}})
+        except BigModelError as e:
+            return str(e)
+    return None
+
+
+def settings(base: dict, items: list[str]) -> dict:
+    import yaml
+
+    raw = dict(base)
+    for item in items:
+        key, _, value = item.partition("=")
+        raw[key] = yaml.safe_load(value)
+    return raw
+
+
+def report(args: argparse.Namespace, facts: dict, rounds: list) -> None:
+    import torch
+
+    bpc = facts["val_bytes_per_char"]
+    bpb = lambda nats: nats / math.log(2) / bpc  # noqa: E731
+    print(f"### pretrain vs nanoGPT, alternating in one run ({time.strftime('%Y-%m-%d')})\n")
+    print(f"Command: `python benchmarks/pretrain_vs_nanogpt.py {' '.join(sys.argv[1:])}` "
+          f"(commit {commit()})  ")
+    print(f"Machine: {os.cpu_count()} CPUs, {cpu_model()}, torch {torch.__version__}, "
+          f"Python {platform.python_version()}; both run by the same Python  ")
+    print(f"Data: {args.data.name}, {facts['train_chars']:,} train / {facts['val_chars']:,} "
+          f"val characters, bigmodel's vocabulary {facts['vocab']}  ")
+    print(f"bigmodel, same config: {', '.join(f'{k}={v}' for k, v in settings(NANOGPT, args.overrides).items())}  ")
+    if not args.no_time:
+        print(f"bigmodel, same time: {', '.join(f'{k}={v}' for k, v in settings(SAME_TIME, args.time_overrides).items() if k != 'max_steps')}")
+    print("\nSame config, 2,000 iterations:\n")
+    print("| round | tokens/s nanoGPT | tokens/s bigmodel | ratio | wall s nanoGPT | wall s "
+          "bigmodel | ratio | val loss nanoGPT | val loss bigmodel | peak RSS MB nanoGPT | "
+          "peak RSS MB bigmodel | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r, (peer, same, _) in enumerate(rounds, 1):
+        print(f"| {r} | {peer['tokens_per_s']:,.0f} | {same['tokens_per_s']:,.0f} | "
+              f"**{same['tokens_per_s'] / peer['tokens_per_s']:.2f}x** | {peer['wall_s']:.1f} | "
+              f"{same['wall_s']:.1f} | {same['wall_s'] / peer['wall_s']:.2f}x | "
+              f"{peer['val_loss']:.4f} | {same['est_val_loss']:.4f} | {peer['peak_rss_mb']:.0f} | "
+              f"{same['peak_rss_mb']:.0f} | {same['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x |")
+    if args.no_time:
+        return
+    print("\nSame wall time (bigmodel's budget: nanoGPT's wall time in that round):\n")
+    print("| round | wall s nanoGPT | wall s bigmodel | steps bigmodel | val bpb nanoGPT | "
+          "val bpb bigmodel | ratio | bigmodel, whole val split |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r, (peer, _, timed) in enumerate(rounds, 1):
+        print(f"| {r} | {peer['wall_s']:.1f} | {timed['wall_s']:.1f} | {timed['steps']} | "
+              f"{bpb(peer['val_loss']):.3f} | {bpb(timed['est_val_loss']):.3f} | "
+              f"**{bpb(timed['est_val_loss']) / bpb(peer['val_loss']):.3f}x** | "
+              f"{bpb(timed['full_val_loss']):.3f} |")
+    print("\nval loss: nats per character, nanoGPT's estimator (20 random val batches) for both; "
+          "bits per byte (bpb) divide it by ln 2 and by the val text's "
+          f"{bpc:.4f} bytes per character.")
+
+
+# --- one bigmodel run, in its own process -------------------------------------------------
+
+def worker(args: argparse.Namespace) -> int:
+    """Train on the prepared ids, print one RESULT line. Imports only what training needs."""
+    import torch
+
+    from bigmodel import config
+    from bigmodel.models import gpt as gpt_lib
+    from bigmodel.objectives.clm import WindowSampler, lm_loss, window_loss
+    from bigmodel.train.trainer import Trainer, seed_everything
+
+    seed = 1337
+    train_ids = np.load(args.prepared / "train.npy", mmap_mode="r")
+    val_ids = np.load(args.prepared / "val.npy", mmap_mode="r")
+    vocab = int(max(train_ids.max(), val_ids.max())) + 1
+    raw = settings(NANOGPT if args.worker == "config" else SAME_TIME, args.overrides)
+    cfg = config.GPTPretrain(family="gpt", **raw)
     seed_everything(seed)
-    model = gpt_lib.GPT(gpt_lib.GPTConfig(vocab_size=vocab, block_size=probe.block_size,
-                                          n_layer=probe.n_layer, n_head=probe.n_head,
-                                          n_embd=probe.n_embd, dropout=probe.dropout))
-    trainer = Trainer(model, probe, probe.max_steps)
-    sampler = WindowSampler(train_ids, probe.block_size, probe.batch_size, seed, trainer.device)
-    stamps: list[float] = []
-    trainer.fit(sampler, lm_loss, evaluate=dict, eval_interval=10**9,
-                log=lambda row, step: stamps.append(time.perf_counter()), log_interval=10,
-                tokens_per_step=1)
-    per_step = (stamps[-1] - stamps[0]) / 60
-    overhead = 8.0  # final evaluation over the whole val split and setup, measured: about 5-8 s
-    return max(100, int((seconds - overhead) / per_step))
+    model = gpt_lib.GPT(gpt_lib.GPTConfig(vocab_size=vocab, block_size=cfg.block_size,
+                                          n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                          n_embd=cfg.n_embd, dropout=cfg.dropout))
+    trainer = Trainer(model, cfg, cfg.max_steps)
+    sampler = WindowSampler(train_ids, cfg.block_size, cfg.batch_size, seed, trainer.device)
+    val_sampler = WindowSampler(val_ids, cfg.block_size, cfg.batch_size, seed + 1, trainer.device)
+
+    def evaluate() -> dict[str, float]:  # nanoGPT's estimate_loss, on the val split
+        return {"est_val_loss": torch.stack(
+            [lm_loss(model, val_sampler()) for _ in range(cfg.eval_batches)]).mean().item()}
+
+    rates: list[float] = []
+    marks: dict[int, float] = {}
+
+    def log(row: dict[str, float], step: int) -> None:
+        if "tokens_per_s" in row:
+            rates.append(row["tokens_per_s"])
+        marks[step] = time.time()
+        if args.worker == "time" and step == 60:  # steps 20-60 set the run's length
+            per_step = (marks[60] - marks[20]) / 40 * 1.04  # a margin for the host's drift
+            left = args.seconds - (time.time() - args.started) - 1.5  # final estimate, exit
+            trainer.max_steps = max(61, 60 + int(left / per_step))
+
+    if args.worker == "time" and trainer.cfg.warmup_steps < 60:
+        raise SystemExit("error: the same-time run sets its length inside the warm-up: "
+                         "warmup_steps must be at least 60")
+    result = trainer.fit(sampler, lm_loss, evaluate=evaluate, eval_interval=cfg.eval_interval,
+                         log=log, log_interval=cfg.log_interval,
+                         tokens_per_step=cfg.batch_size * cfg.block_size, progress=False)
+    wall = time.time() - args.started
+    model.eval()
+    with torch.no_grad():
+        full_val = window_loss(model, val_ids, cfg.block_size, cfg.batch_size)
+    print(RESULT + json.dumps({
+        "steps": result.step, "wall_s": wall, "tokens_per_s": statistics.median(rates),
+        "est_val_loss": result.eval_metrics["est_val_loss"], "full_val_loss": full_val,
+        "precision": trainer.precision}), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

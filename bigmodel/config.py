@@ -268,6 +268,11 @@ class Optim(Section):
     batch_size: int = Field(16, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Matrix-product precision. bf16: on CUDA, bf16 autocast over fp32 weights; on a CPU with
+    # native bf16 units (AVX512-BF16, AMX), bf16 weights and activations with an fp32 master
+    # copy that the optimizer updates (a CPU without them falls back to fp32, saying so).
+    # auto: bf16 on CUDA, fp32 on the CPU. fp32: fp32 everywhere.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
 
 
@@ -520,9 +525,11 @@ def _default_tokenizers() -> dict[str, TokenizerRun]:
 
 def _default_finetunes() -> dict[str, FinetuneRun | ImageFinetune]:
     return {
-        "gpt-cls": FinetuneRun(base="gpt", task="seq_cls", pooling="mean", epochs=2),
-        "bert-cls": FinetuneRun(base="bert", task="seq_cls", pooling="cls"),
-        "bert-tag": FinetuneRun(base="bert", task="token_cls", epochs=2, max_len=64),
+        "gpt-cls": FinetuneRun(base="gpt", task="seq_cls", pooling="mean", epochs=2,
+                               precision="bf16"),
+        "bert-cls": FinetuneRun(base="bert", task="seq_cls", pooling="cls", precision="bf16"),
+        "bert-tag": FinetuneRun(base="bert", task="token_cls", epochs=2, max_len=64,
+                                precision="bf16"),
         "resnet-cls": ImageFinetune(base="resnet"),
     }
 
@@ -541,8 +548,11 @@ class Params(Section):
     tokenizer: dict[str, TokenizerRun] = Field(default_factory=_default_tokenizers)
     tokenize: Tokenize = Tokenize()
     pretrain: dict[str, PretrainRun] = Field(
-        default_factory=lambda: {"gpt": GPTPretrain(), "bert": BERTPretrain(),
-                                 "seq2seq": Seq2SeqPretrain(),
+        # the built-in transformers train in bf16 (measured 1.3-1.5x a step on the CPU, the same
+        # loss at equal steps: benchmarks/RESULTS.md); the ResNet keeps fp32 batch-norm steps
+        default_factory=lambda: {"gpt": GPTPretrain(precision="bf16"),
+                                 "bert": BERTPretrain(precision="bf16"),
+                                 "seq2seq": Seq2SeqPretrain(precision="bf16"),
                                  "resnet": ResNetPretrain(classes=DIGITS_PRETRAIN)})
     finetune: dict[str, FinetuneSpec] = Field(default_factory=_default_finetunes)
     evaluate: Evaluate = Evaluate()

@@ -25,14 +25,15 @@ def render_report(params: Params, outcomes: list[Any], parent_run_id: str,
         "",
         "## Stages",
         "",
-        "| stage | status | seconds | MLflow run |",
-        "|---|---|---:|---|",
+        "| stage | status | seconds | throughput | MLflow run |",
+        "|---|---|---:|---:|---|",
     ]
     for o in outcomes:
         run = runs.get(o.stage)
         link = f"[{run['run_id'][:8]}]({tracking.run_link(params, exp, run['run_id'])})" if run else "–"
         status = o.status + (f": {o.detail}" if o.detail else "")
-        lines.append(f"| {o.stage} | {status} | {o.seconds:.1f} | {link} |")
+        rate = throughput(run["metrics"]) if run and o.status == "ran" else "–"
+        lines.append(f"| {o.stage} | {status} | {o.seconds:.1f} | {rate} | {link} |")
     lines += _champions(params, decisions)
     lines += _language_models(params, metrics) + _classifiers(params, metrics)
     lines += _taggers(params, metrics) + _seq2seq(params, metrics) + _images(params, metrics)
@@ -48,6 +49,16 @@ def render_report(params: Params, outcomes: list[Any], parent_run_id: str,
         "",
     ]
     return "\n".join(lines)
+
+
+def throughput(metrics: dict[str, float]) -> str:
+    """A stage's rate as it logged it (`<unit>_per_s`: tokens, target tokens, examples,
+    images), e.g. '21,345 tokens/s'; '–' for a stage that logs none."""
+    rates = sorted(k for k in metrics if k.endswith("_per_s"))
+    if not rates:
+        return "–"
+    key = rates[0]
+    return f"{metrics[key]:,.0f} {key[:-len('_per_s')].replace('_', ' ')}/s"
 
 
 def _champions(params: Params, decisions: list[Any] | None) -> list[str]:

@@ -16,6 +16,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           dropout_p: float, is_causal: bool) -> torch.Tensor:
+    """`F.scaled_dot_product_attention`; on the CPU, bf16 queries, keys and values are
+    attended in fp32 and the result cast back: the CPU's bf16 attention backward is about 4x
+    slower than its fp32 one at these sizes (benchmarks/RESULTS.md), and the copies are small."""
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p,
+            is_causal=is_causal).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          is_causal=is_causal)
+
+
 class KVCache:
     """One attention layer's keys and values of the tokens seen so far, for generation.
 
@@ -90,10 +103,8 @@ class SelfAttention(nn.Module):
         if self.keep_maps:
             y = self._explicit(q, k, v, mask, causal)
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                is_causal=causal and mask is None,
-            )
+            y = attend(q, k, v, mask, self.dropout if self.training else 0.0,
+                       causal and mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_drop(self.proj(y))
 
@@ -151,8 +162,7 @@ class CrossAttention(nn.Module):
             self.last_map = att.detach()
             y = att @ v
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+            y = attend(q, k, v, mask, self.dropout if self.training else 0.0, False)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_drop(self.proj(y))
 

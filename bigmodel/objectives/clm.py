@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from bigmodel.errors import BigModelError
-from bigmodel.text.shards import Split
-from bigmodel.text.tokenizers import Specials
 from bigmodel.train.distributed import World
+
+if TYPE_CHECKING:  # types only: training needs neither the tokenizers library nor shards
+    from bigmodel.text.shards import Split
+    from bigmodel.text.tokenizers import Specials
 
 
 class WindowSampler:
@@ -54,6 +56,22 @@ class WindowSampler:
 def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     x, y = batch
     return model(x, y)[1]
+
+
+def window_loss(model: nn.Module, data: np.ndarray, block: int, batch_size: int) -> float:
+    """Mean next-token loss over consecutive `block`-token windows of `data` (every token
+    scored once, none seen twice)."""
+    n = (len(data) - 1) // block
+    if n == 0:
+        raise BigModelError(f"only {len(data)} tokens to score, fewer than one block of {block}; "
+                            f"add data or use a smaller block_size")
+    x_all = torch.from_numpy(np.asarray(data[: n * block], dtype=np.int64)).view(n, block)
+    y_all = torch.from_numpy(np.asarray(data[1 : n * block + 1], dtype=np.int64)).view(n, block)
+    total = 0.0
+    for i in range(0, n, batch_size):
+        _, loss = model(x_all[i : i + batch_size], y_all[i : i + batch_size])
+        total += loss.item() * len(x_all[i : i + batch_size])
+    return total / n
 
 
 @dataclass

@@ -26,6 +26,8 @@ def run(params: Params, name: str) -> str:
             metrics, summary = task.explain(params.path("finetune", name), test, out,
                                             cfg.n_examples, cfg.max_evals, cfg.max_len, params.seed)
         metrics["seconds"] = time.perf_counter() - start
+        if metrics.get("n_examples"):
+            metrics["examples_per_s"] = metrics["n_examples"] / metrics["seconds"]
         write_json(params.metrics_file("explain", name), metrics)
         mlrun.metrics(metrics)
         mlrun.artifact(out_dir, "explain")

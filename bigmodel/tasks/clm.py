@@ -27,6 +27,7 @@ from bigmodel.errors import BigModelError
 from bigmodel.models import gpt as gpt_lib
 from bigmodel.models import registry
 from bigmodel.models.layers import KVCache
+from bigmodel.objectives.clm import window_loss
 from bigmodel.text import shards
 from bigmodel.text.shards import Split
 from bigmodel.text.tokenizers import EOT, load as load_tokenizer
@@ -173,20 +174,6 @@ def evaluate_pretrained(params: Any, name: str) -> tuple[dict[str, Any], str]:
     splits = {s: shards.load_split(tokens, s) for s in ("val", "test")}
     return evaluate(params.path("pretrain", name), splits, shards.load_split(tokens, "train"),
                     params.evaluate.eval_tokens, params.evaluate.batch_size)
-
-
-def window_loss(model: gpt_lib.GPT, data: np.ndarray, block: int, batch_size: int) -> float:
-    n = (len(data) - 1) // block
-    if n == 0:
-        raise BigModelError(f"only {len(data)} tokens to score, fewer than one block of {block}; "
-                            f"add data or use a smaller block_size")
-    x_all = torch.from_numpy(np.asarray(data[: n * block], dtype=np.int64)).view(n, block)
-    y_all = torch.from_numpy(np.asarray(data[1 : n * block + 1], dtype=np.int64)).view(n, block)
-    total = 0.0
-    for i in range(0, n, batch_size):
-        _, loss = model(x_all[i : i + batch_size], y_all[i : i + batch_size])
-        total += loss.item() * len(x_all[i : i + batch_size])
-    return total / n
 
 
 @torch.no_grad()

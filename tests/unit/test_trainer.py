@@ -12,6 +12,7 @@ from bigmodel.errors import BigModelError
 from bigmodel.models.gpt import GPT, GPTConfig
 from bigmodel.train.distributed import World
 from bigmodel.objectives.clm import WindowSampler, lm_loss
+from bigmodel.train import trainer as trainer_lib
 from bigmodel.train.trainer import Trainer, lr_at
 from tests.unit.crash import assert_resume_is_bitwise
 
@@ -216,3 +217,112 @@ def test_device_selection_and_the_peak_flops_table(monkeypatch):
                        ("Some Future GPU", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert peak_flops(torch.device("cuda")) == peak
+
+
+# --- precision: bf16 weights and activations with an fp32 master on the CPU -------------------
+
+BF16 = Optim(**{**OPT.model_dump(), "precision": "bf16"})
+
+
+def bf16_fresh(monkeypatch, max_steps: int):  # noqa: ANN001, ANN201
+    # the path is forced on whatever CPU runs the test: without native bf16 units it is only
+    # slower, not different
+    monkeypatch.setattr(trainer_lib, "cpu_has_bf16", lambda: True)
+    torch.manual_seed(0)
+    trainer = Trainer(GPT(CFG), BF16, max_steps)
+    return trainer, WindowSampler(DATA, 8, 4, seed=1, device=trainer.device)
+
+
+def test_bf16_master_trains_a_bf16_copy_and_keeps_fp32_weights_that_learn(monkeypatch):
+    trainer, sampler = bf16_fresh(monkeypatch, 60)
+    assert trainer.precision == "bf16-master"
+    assert trainer.compute is not trainer.model
+    assert {p.dtype for p in trainer.compute.parameters()} == {torch.bfloat16}
+    losses = []
+    fit(trainer, sampler, log=lambda m, s: losses.append(m["train_loss"]))
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    assert losses[-1] < 0.5  # the repeating sequence is learnt, as in fp32
+    # the copy holds the master's weights, rounded: what the next step will compute with
+    for master, low in zip(trainer.model.parameters(), trainer.compute.parameters()):
+        assert torch.equal(low, master.to(torch.bfloat16))
+    # the tied matrix stays one parameter in both
+    assert trainer.compute.lm_head.weight is trainer.compute.wte.weight
+    # the step's gradients are the master's; none is left on the copy
+    assert all(p.grad is None for p in trainer.compute.parameters())
+
+
+def test_bf16_master_takes_the_steps_fp32_takes_up_to_rounding(monkeypatch):
+    start = [p.detach().clone() for p in fresh(5)[0].model.parameters()]
+    low, sampler_low = bf16_fresh(monkeypatch, 5)
+    fit(low, sampler_low)
+    full, sampler_full = fresh(5)
+    fit(full, sampler_full)
+    moved_low = torch.cat([(p.detach() - s).flatten() for p, s in zip(low.model.parameters(), start)])
+    moved_full = torch.cat([(p.detach() - s).flatten() for p, s in zip(full.model.parameters(), start)])
+    assert not torch.equal(moved_low, moved_full)  # bf16 products are not fp32's
+    assert torch.cosine_similarity(moved_low, moved_full, dim=0) > 0.9  # but the same updates
+    assert moved_low.norm().item() == pytest.approx(moved_full.norm().item(), rel=0.1)
+
+
+def test_bf16_master_resumes_bitwise(tmp_path, monkeypatch):
+    assert_resume_is_bitwise(
+        lambda: bf16_fresh(monkeypatch, 20),
+        lambda trainer, sampler, draw, checkpoint: fit(trainer, draw, checkpoint=checkpoint,
+                                                       interval=5 if checkpoint else 0),
+        tmp_path / "ckpt", crash_at=14, resumed_step=10)
+
+
+def test_bf16_master_checkpoints_fp32_weights(tmp_path, monkeypatch):
+    trainer, sampler = bf16_fresh(monkeypatch, 3)
+    fit(trainer, sampler)
+    trainer.save_checkpoint(tmp_path / "ckpt", {})
+    saved = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    assert torch.equal(saved["wte.weight"], trainer.model.wte.weight.detach())
+
+
+def test_bf16_master_carries_batch_norm_statistics_back_to_the_master(monkeypatch):
+    monkeypatch.setattr(trainer_lib, "cpu_has_bf16", lambda: True)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    trainer = Trainer(net, BF16, 3)
+    x = torch.randn(16, 4) * 3 + 1
+    trainer.fit(lambda: x, lambda model, batch: model(batch).float().pow(2).mean(),
+                evaluate=dict, eval_interval=1000, log=lambda m, s: None, log_interval=1,
+                tokens_per_step=16, progress=False)
+    master_bn, low_bn = trainer.model[1], trainer.compute[1]
+    assert int(master_bn.num_batches_tracked) == 3
+    assert torch.equal(master_bn.running_mean, low_bn.running_mean.float())
+    assert master_bn.running_mean.abs().sum() > 0  # moved from its initial zeros
+
+
+def test_precision_falls_back_to_fp32_where_bf16_would_be_slow_or_unsupported(monkeypatch, capsys):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert trainer_lib.resolve_precision("auto", cpu, False) == "fp32"
+    assert trainer_lib.resolve_precision("fp32", cpu, False) == "fp32"
+    assert trainer_lib.resolve_precision("auto", cuda, False) == "bf16-autocast"
+    assert trainer_lib.resolve_precision("bf16", cuda, True) == "bf16-autocast"
+    assert trainer_lib.resolve_precision("fp32", cuda, False) == "fp32"
+    monkeypatch.setattr(trainer_lib, "cpu_has_bf16", lambda: False)
+    assert trainer_lib.resolve_precision("bf16", cpu, False) == "fp32"
+    assert "no native bf16 units" in capsys.readouterr().out
+    monkeypatch.setattr(trainer_lib, "cpu_has_bf16", lambda: True)
+    assert trainer_lib.resolve_precision("bf16", cpu, False) == "bf16-master"
+    assert trainer_lib.resolve_precision("bf16", cpu, True) == "fp32"
+    assert "one process only" in capsys.readouterr().out
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
+    flags = tmp_path / "cpuinfo"
+    real_read = trainer_lib.Path.read_text
+
+    def read(path, *a, **k):  # noqa: ANN001, ANN202
+        return real_read(flags if str(path) == "/proc/cpuinfo" else path, *a, **k)
+
+    monkeypatch.setattr(trainer_lib.Path, "read_text", read)
+    flags.write_text("flags\t\t: fpu avx512f avx512bw\n")
+    assert trainer_lib.cpu_has_bf16() is False
+    flags.write_text("flags\t\t: fpu avx512f avx512_bf16 avx512bw\n")
+    assert trainer_lib.cpu_has_bf16() is True
+    flags.write_text("flags\t\t: fpu amx_bf16 amx_tile\n")
+    assert trainer_lib.cpu_has_bf16() is True
