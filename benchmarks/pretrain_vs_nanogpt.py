@@ -50,8 +50,7 @@ NANOGPT = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dr
                grad_clip=1.0, max_steps=2000, eval_interval=250, eval_batches=20,
                log_interval=10, device="cpu", precision="bf16")
 # bigmodel's settings for the same wall time: nanoGPT's shape, a higher learning rate; the
-# step count is set from the measured speed of the run's first steps (inside the warm-up,
-# whose learning rate does not depend on it)
+# step count follows the measured speed (re-planned at every log interval)
 SAME_TIME = dict(NANOGPT, lr=3e-3, min_lr=3e-4, eval_interval=10**9)
 RESULT = "RESULT "
 
@@ -252,20 +251,20 @@ def worker(args: argparse.Namespace) -> int:
             [lm_loss(model, val_sampler()) for _ in range(cfg.eval_batches)]).mean().item()}
 
     rates: list[float] = []
-    marks: dict[int, float] = {}
+    tokens_per_step = cfg.batch_size * cfg.block_size
 
     def log(row: dict[str, float], step: int) -> None:
-        if "tokens_per_s" in row:
-            rates.append(row["tokens_per_s"])
-        marks[step] = time.time()
-        if args.worker == "time" and step == 60:  # steps 20-60 set the run's length
-            per_step = (marks[60] - marks[20]) / 40 * 1.04  # a margin for the host's drift
+        if "tokens_per_s" not in row:
+            return
+        rates.append(row["tokens_per_s"])
+        if args.worker == "time" and step >= 30:
+            # The run's length, re-planned at every log interval from the speed of the last
+            # ones: the host's speed drifts within a run. The cosine decay follows the new end
+            # (during the warm-up the learning rate does not depend on it).
+            per_step = tokens_per_step / statistics.median(rates[-10:])
             left = args.seconds - (time.time() - args.started) - 1.5  # final estimate, exit
-            trainer.max_steps = max(61, 60 + int(left / per_step))
+            trainer.max_steps = max(step + 1, step + int(left / per_step))
 
-    if args.worker == "time" and trainer.cfg.warmup_steps < 60:
-        raise SystemExit("error: the same-time run sets its length inside the warm-up: "
-                         "warmup_steps must be at least 60")
     result = trainer.fit(sampler, lm_loss, evaluate=evaluate, eval_interval=cfg.eval_interval,
                          log=log, log_interval=cfg.log_interval,
                          tokens_per_step=cfg.batch_size * cfg.block_size, progress=False)
