@@ -57,8 +57,9 @@ def throughput(metrics: dict[str, float]) -> str:
     rates = sorted(k for k in metrics if k.endswith("_per_s"))
     if not rates:
         return "–"
-    key = rates[0]
-    return f"{metrics[key]:,.0f} {key[:-len('_per_s')].replace('_', ' ')}/s"
+    key, rate = rates[0], metrics[rates[0]]
+    shown = f"{rate:,.0f}" if rate >= 100 else f"{rate:.1f}" if rate >= 10 else f"{rate:.2f}"
+    return f"{shown} {key[:-len('_per_s')].replace('_', ' ')}/s"
 
 
 def _champions(params: Params, decisions: list[Any] | None) -> list[str]:

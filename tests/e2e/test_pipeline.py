@@ -135,11 +135,11 @@ def test_tiny_pipeline_runs_every_family_end_to_end_then_reruns_only_what_change
     # every stage that trains, scores or explains reports its rate beside its seconds
     rows = {line.split(" | ")[0].lstrip("| "): line for line in report.splitlines()
             if line.startswith("| ") and " | ran | " in line}
-    assert re.search(r"\| [\d,]+ tokens/s \|", rows["pretrain@gpt"])
-    assert re.search(r"\| [\d,]+ images/s \|", rows["pretrain@resnet"])
-    assert re.search(r"\| [\d,]+ examples/s \|", rows["finetune@bert-cls"])
-    assert re.search(r"\| [\d,]+ test examples/s \|", rows["evaluate@gpt-cls"])
-    assert re.search(r"\| [\d,]+ examples/s \|", rows["explain@bert-tag"])
+    assert re.search(r"\| [\d,.]+ tokens/s \|", rows["pretrain@gpt"])
+    assert re.search(r"\| [\d,.]+ images/s \|", rows["pretrain@resnet"])
+    assert re.search(r"\| [\d,.]+ examples/s \|", rows["finetune@bert-cls"])
+    assert re.search(r"\| [\d,.]+ test examples/s \|", rows["evaluate@gpt-cls"])
+    assert re.search(r"\| [\d,.]+ examples/s \|", rows["explain@bert-tag"])
     assert "| baseline: bow logreg |" in report and "| gpt-cls (finetuned gpt `gpt`) |" in report
     assert "| bert-cls (finetuned bert `bert`) |" in report
     assert "## Taggers" in report and "| bert-tag (finetuned bert `bert`) |" in report

@@ -1,0 +1,49 @@
+"""The benchmarks' own bad-input paths (their figures are recorded in benchmarks/RESULTS.md)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "benchmarks/pretrain_vs_nanogpt.py"), *args],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_the_nanogpt_benchmark_without_the_peer_says_where_it_looked(tmp_path):
+    done = run("--peer", str(tmp_path / "nowhere"))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: the nanoGPT peer is not at {tmp_path / 'nowhere' / 'run_nanogpt.sh'}: this "
+        f"benchmark runs it beside bigmodel (pass --peer DIR, the folder holding run_nanogpt.sh)"]
+
+
+def test_the_nanogpt_benchmark_refuses_a_bad_setting_before_running_anything(tmp_path):
+    peer = tmp_path / "peer"
+    peer.mkdir()
+    (peer / "run_nanogpt.sh").write_text("exit 1\n")
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 100)
+    done = run("--peer", str(peer), "--data", str(text), "--set", "precision=bf32")
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "precision" in line
+    done = run("--peer", str(peer), "--data", str(tmp_path / "missing.txt"))
+    assert done.returncode == 2 and "missing.txt: not found" in done.stderr
+
+
+def test_the_gpu_check_runs_end_to_end_on_tiny_shapes():
+    # the GPU path itself needs a GPU; this keeps the script that measures it working
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu_check.py"), "--smoke",
+                           "--steps", "10"], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    rows = [ln for ln in done.stdout.splitlines() if ln.startswith(("| gpt", "| bert", "| resnet"))]
+    assert [r.split(" | ")[0] for r in rows] == ["| gpt", "| bert", "| resnet"]
+    assert all(re.search(r"\| [\d,]+ (tokens|images)/s \|", r) for r in rows)
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu_check.py"), "--only", "vit"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2 and "unknown --only vit" in done.stderr
