@@ -257,10 +257,11 @@ def worker(args: argparse.Namespace) -> int:
         if "tokens_per_s" not in row:
             return
         rates.append(row["tokens_per_s"])
-        if args.worker == "time" and step >= 30:
+        if args.worker == "time" and 30 <= step < trainer.max_steps:
             # The run's length, re-planned at every log interval from the speed of the last
             # ones: the host's speed drifts within a run. The cosine decay follows the new end
-            # (during the warm-up the learning rate does not depend on it).
+            # (during the warm-up the learning rate does not depend on it). A step planned
+            # as the last stays the last.
             per_step = tokens_per_step / statistics.median(rates[-10:])
             left = args.seconds - (time.time() - args.started) - 1.5  # final estimate, exit
             trainer.max_steps = max(step + 1, step + int(left / per_step))

@@ -1,8 +1,12 @@
-"""The benchmarks' own bad-input paths (their figures are recorded in benchmarks/RESULTS.md)."""
+"""The benchmarks themselves: bad input, the same-time run keeping its budget, the GPU check
+on tiny CPU shapes (their figures are recorded in benchmarks/RESULTS.md)."""
 
+import json
+import math
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,3 +51,24 @@ def test_the_gpu_check_runs_end_to_end_on_tiny_shapes():
     done = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu_check.py"), "--only", "vit"],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2 and "unknown --only vit" in done.stderr
+
+
+def test_the_same_time_run_ends_inside_its_budget(tmp_path):
+    # its length is re-planned as it goes; a step planned as the last must stay the last
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from pretrain_vs_nanogpt import prepare
+    finally:
+        sys.path.pop(0)
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n"
+                            for i in range(3000)))
+    prepare(text, tmp_path)
+    started = time.time()
+    done = run("--worker", "time", "--prepared", str(tmp_path), "--started", repr(started),
+               "--seconds", "10")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.split("RESULT ", 1)[1])
+    assert result["steps"] > 30  # re-planned past the first log intervals
+    assert result["wall_s"] <= 10.5 and time.time() - started < 40  # the whole-split score after
+    assert math.isfinite(result["est_val_loss"]) and result["est_val_loss"] < 4.0
