@@ -48,7 +48,11 @@ def instructions(code: types.CodeType) -> str:
         if ins.opname in SKIPPED:
             continue
         words.append(ins.opname)
-        if ins.argrepr and not ins.opname.startswith(("JUMP", "POP_JUMP", "FOR_ITER", "SEND")):
+        if isinstance(ins.argval, types.CodeType):
+            # a nested function, lambda or comprehension by its name: its repr holds the
+            # object's memory address, which differs from run to run
+            words.append(f"<code {ins.argval.co_name}>")
+        elif ins.argrepr and not ins.opname.startswith(("JUMP", "POP_JUMP", "FOR_ITER", "SEND")):
             words.append(" ".join(ins.argrepr.split()))
     return " ".join(words)
 
