@@ -36,7 +36,9 @@ def explain(translator: Any, test: pd.DataFrame, out: Path, n_examples: int, max
     """Alignment maps and SHAP values for `n_examples` test sources (cut to max_len tokens)."""
     picked = test.sample(min(n_examples, len(test)), random_state=seed)
     sources = [cut(translator.tok, s, max_len) for s in picked["source"]]
-    outputs = [ids_of(translator, o) for o in translator.translate(sources)]
+    # teacher-forced after a BOS: an output of block_size tokens is explained without its last
+    limit = translator.model.cfg.block_size - 1
+    outputs = [ids_of(translator, o)[:limit] for o in translator.translate(sources)]
     out.mkdir(parents=True, exist_ok=True)
     hits = total = 0
     for i, (source, target) in enumerate(zip(sources, outputs)):
