@@ -34,6 +34,7 @@ from bigmodel.config import Optim
 from bigmodel.errors import BigModelError
 from bigmodel.io import atomic_path
 from bigmodel.train.distributed import World
+from bigmodel.train.optim import EagerAdamW
 
 # Dense bf16 peak FLOP/s per device, for MFU. Unknown devices (and CPUs) report no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -190,9 +191,10 @@ class Trainer:
             raise BigModelError(f"{self.label}: no parameter to train (all are frozen)")
         # Fused: one kernel for all parameters, on the CPU too (measured: 0.35 against 1.35 ms
         # a step for the baby GPT on 2 cores; benchmarks/RESULTS.md).
-        return torch.optim.AdamW(
-            groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), fused=True,
-        )
+        # An eager single-process run steps it without importing torch's compiler (70 MB).
+        adamw = (torch.optim.AdamW if self.cfg.compile or self.world.distributed
+                 else EagerAdamW)
+        return adamw(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), fused=True)
 
     def fit(
         self,
@@ -352,7 +354,11 @@ class Trainer:
 
     def full_state(self, optimizer: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
         """(weights, optimizer state) as full tensors on the CPU, in rank 0 (under FSDP the
-        other ranks get empty dicts). Call it on every rank: under FSDP it gathers the shards."""
+        other ranks get empty dicts). Call it on every rank: under FSDP it gathers the shards.
+        An unsharded model's are read directly, in the layout torch.distributed.checkpoint
+        gives them (which imports torch's compiler; tests/unit/test_optim.py)."""
+        if not self.sharded:
+            return named_state(self.model, self.optimizer if optimizer else None)
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -437,9 +443,12 @@ class Trainer:
                 weights[alias] = weights[name]
         # (under FSDP a shard's shape is the whole parameter's)
         check_shapes(weights, self.model.state_dict(), f"{directory / 'model.safetensors'}")
-        options = StateDictOptions(full_state_dict=True)  # every rank reads the whole file
-        set_model_state_dict(self.model, weights, options=options)
-        set_optimizer_state_dict(self.model, self.optimizer, blob["optimizer"], options=options)
+        if self.sharded:
+            options = StateDictOptions(full_state_dict=True)  # every rank reads the whole file
+            set_model_state_dict(self.model, weights, options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, blob["optimizer"], options=options)
+        else:
+            load_named_state(self.model, self.optimizer, weights, blob["optimizer"])
         if self.pairs:
             self._sync_compute()
         rngs = blob["rng"]
@@ -478,6 +487,39 @@ def check_shapes(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], wh
 def _clock(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def named_state(model: nn.Module, optimizer: torch.optim.Optimizer | None
+                ) -> tuple[dict[str, torch.Tensor], dict]:
+    """An unsharded model's full state on the CPU: its state dict, and the optimizer's state
+    keyed by parameter name (a tied parameter by its first), as get_model_state_dict and
+    get_optimizer_state_dict(full_state_dict=True, cpu_offload=True) give them."""
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if optimizer is None:
+        return weights, {}
+    name = {id(p): n for n, p in model.named_parameters()}
+    sd = optimizer.state_dict()
+    order = [name[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    state = {order[i]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+             for i, s in sd["state"].items()}
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]
+    return weights, {"state": state, "param_groups": groups}
+
+
+def load_named_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                     weights: dict[str, torch.Tensor], optim: dict) -> None:
+    """Load what named_state gave into an unsharded model and its optimizer."""
+    model.load_state_dict(weights)
+    name = {id(p): n for n, p in model.named_parameters()}
+    index = {name[id(p)]: i for i, p in
+             enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    saved_groups = optim["param_groups"]
+    if sorted(n for g in saved_groups for n in g["params"]) != sorted(index):
+        raise BigModelError("the checkpoint's optimizer holds other parameters than the model's")
+    optimizer.load_state_dict({
+        "state": {index[n]: s for n, s in optim["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in saved_groups],
+    })
 
 
 def tied_names(model: nn.Module) -> dict[str, str]:
