@@ -212,9 +212,13 @@ def stage_run(stage: str, params: Params, keys: list[str]) -> Iterator[StageRun]
     when there is one; its params are the values of `keys`, the params DVC hashes for it."""
     configure(params)
     parent = os.environ.get(PARENT_ENV) or None
+    from bigmodel import warmstart
+
+    # how its process started: a fork of the flow's warm server, or its own interpreter
+    tags = {**lineage_tags(params, stage, keys),
+            "bigmodel.process": "warm fork" if warmstart.forked else "new"}
     with mlflow.start_run(
-        run_name=stage, parent_run_id=parent, nested=mlflow.active_run() is not None,
-        tags=lineage_tags(params, stage, keys),
+        run_name=stage, parent_run_id=parent, nested=mlflow.active_run() is not None, tags=tags,
     ) as run:
         mlflow.log_params(flatten({k: params.value(k) for k in keys}))
         handle = StageRun(run.info.run_id)

@@ -6,7 +6,8 @@ decides whether it is up to date; a stage it skips is reported as skipped) and, 
 an MLflow child run that then gets DVC's hashes of its inputs and outputs (lineage). A stage's
 output reaches the flow's log line by line as it runs (progress: step of total, loss,
 throughput, ETA), without DVC's git hints. The `source@*` snapshots are always refreshed, so
-new data is seen.
+new data is seen. The stage processes start as forks of one warm process that has imported
+torch, MLflow and bigmodel once (bigmodel.warmstart).
 Only transient failures (exit code 75, e.g. a tracking server that did not answer) are retried,
 with BIGMODEL_RESUME=1: a pretraining stage continues from its last checkpoint.
 After the stages, the champion gate (bigmodel.promote) moves the registry's `champion` alias to
@@ -35,7 +36,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 
-from bigmodel import config, promote, tracking, workspace
+from bigmodel import config, promote, tracking, warmstart, workspace
 from bigmodel.cli import EXIT_TRANSIENT
 from bigmodel.workspace import RESUME_ENV
 from bigmodel.errors import BigModelError
@@ -187,6 +188,11 @@ def execute(params: config.Params, root: Path, refresh_source: bool = True) -> E
     seen), each that ran getting its DVC lineage on its MLflow run. Once the snapshots are
     fresh, only the stages DVC finds out of date (and those downstream of them) go through
     `dvc repro`; the rest are reported skipped. Call inside a pipeline_run."""
+    with warmstart.serving():  # the stages start as forks of a warm process
+        return _execute(params, root, refresh_source)
+
+
+def _execute(params: config.Params, root: Path, refresh_source: bool) -> Execution:
     parent = os.environ[tracking.PARENT_ENV]
     outcomes: list[StageOutcome] = []
     failure: Exception | None = None

@@ -111,6 +111,8 @@ def test_tiny_pipeline_runs_every_family_end_to_end_then_reruns_only_what_change
                 if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert sorted(children) == sorted(STAGES)
     assert all(r.data.metrics for r in children.values())
+    # every stage started as a fork of the flow's warm server (bigmodel.warmstart)
+    assert {r.data.tags["bigmodel.process"] for r in children.values()} == {"warm fork"}
     for stage, run in children.items():
         hashed = {k: str(v) for k, v in flatten(lock[stage].get("params", {}).get("params.yaml", {})).items()}
         assert run.data.params == hashed, stage
