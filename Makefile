@@ -1,9 +1,11 @@
-# `make pipeline` and `make test` each set up .venv on first use (from requirements.lock).
+# `make pipeline` and `make test` each set up .venv on first use (from requirements.lock; `make
+# test` adds requirements-hf.lock, the `hf` extra).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+HF_STAMP := $(VENV)/.installed-hf
 
 # Quiet and offline: no telemetry, no hub lookups at run time.
 export DO_NOT_TRACK := true
@@ -46,10 +48,18 @@ $(STAMP): requirements.lock pyproject.toml
 	  $(BIN)/python -m pip install --quiet --no-deps -e . 2>&1 | grep -v '^WARNING: Location' ; test $${PIPESTATUS[0]} -eq 0 )
 	touch $(STAMP)
 
+# the `hf` extra (transformers, onnx, onnxruntime: `bigmodel export` and its tests), pinned
+# against the main lock; the pipeline does not need it
+$(HF_STAMP): $(STAMP) requirements-hf.lock
+	( $(BIN)/uv pip install $(UV_FLAGS) -c requirements.lock -r requirements-hf.lock ) \
+	|| ( echo "uv failed: installing with pip" && \
+	  $(BIN)/python -m pip install --quiet -c requirements.lock -r requirements-hf.lock 2>&1 | grep -v '^WARNING: Location' ; test $${PIPESTATUS[0]} -eq 0 )
+	touch $(HF_STAMP)
+
 pipeline: $(STAMP)
 	$(BIN)/python -m flows.pipeline
 
-test: $(STAMP)
+test: $(STAMP) $(HF_STAMP)
 	$(BIN)/python -m pytest
 
 retrain: $(STAMP)

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     extra = {"check": "validate params.yaml and exit",
              "promote": "move the champion alias to the new models if they score better",
              "generate": "complete a prompt with a pretrained GPT",
-             "translate": "turn a source text into its output with a trained seq2seq model"}
+             "translate": "turn a source text into its output with a trained seq2seq model",
+             "export": "write a trained model as a Hugging Face folder or an ONNX file"}
     for name in [*KINDS, *extra]:
         help_ = extra.get(name, f"run one {name} stage (dvc: {name}@RUN)")
         p = sub.add_parser(name, help=help_)
@@ -54,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--top-k", type=int, default=50, help="0: no top-k filter")
             p.add_argument("--top-p", type=float, default=1.0)
             p.add_argument("--seed", type=int, default=None)
+        if name == "export":
+            p.add_argument("name", metavar="RUN", help="a pretrain or finetune run of params.yaml")
+            p.add_argument("--format", required=True, choices=["hf", "onnx"],
+                           help="hf: a transformers model folder (from_pretrained); onnx: "
+                                "model.onnx for onnxruntime")
+            p.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")
         if name == "translate":
             p.add_argument("--source", required=True, help="the text to turn into its output")
             p.add_argument("--beam-size", type=positive_int, default=None,
@@ -93,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
             gen = TextGenerator.load(params.path("pretrain", name))
             print(args.prompt + gen.complete(args.prompt, args.max_new_tokens, args.temperature,
                                              args.top_k, args.top_p, args.seed))
+            return 0
+        if args.command == "export":
+            from pathlib import Path
+
+            from bigmodel import export
+
+            print(export.export(params, args.name, args.format, Path(args.out)))
             return 0
         if args.command == "translate":
             from bigmodel.tasks.seq2seq import Translator

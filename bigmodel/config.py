@@ -462,9 +462,10 @@ class ImageFinetune(FinetuneBase, ImageModel):
 
 class FinetuneRun(FinetuneBase):
     task: Literal["seq_cls", "token_cls"] = "seq_cls"
-    # how token states become one vector (seq_cls): the [CLS] state, the mean over real
-    # tokens, or the last real token's; auto: cls for BERT, mean for GPT
-    pooling: Literal["auto", "cls", "mean", "last"] = "auto"
+    # how token states become one vector (seq_cls): the [CLS] state, BERT's pooler over it
+    # (dense + tanh: Hugging Face's BertForSequenceClassification), the mean over real tokens,
+    # or the last real token's; auto: cls for BERT, mean for GPT
+    pooling: Literal["auto", "cls", "pooler", "mean", "last"] = "auto"
     max_len: int = Field(128, ge=4)
 
 
@@ -527,7 +528,7 @@ def _default_finetunes() -> dict[str, FinetuneRun | ImageFinetune]:
     return {
         "gpt-cls": FinetuneRun(base="gpt", task="seq_cls", pooling="mean", epochs=2,
                                precision="bf16"),
-        "bert-cls": FinetuneRun(base="bert", task="seq_cls", pooling="cls", precision="bf16"),
+        "bert-cls": FinetuneRun(base="bert", task="seq_cls", pooling="pooler", precision="bf16"),
         "bert-tag": FinetuneRun(base="bert", task="token_cls", epochs=2, max_len=64,
                                 precision="bf16"),
         "resnet-cls": ImageFinetune(base="resnet"),

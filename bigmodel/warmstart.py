@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 WARM_ENV = "BIGMODEL_WARM"
+SWITCH_ENV = "BIGMODEL_WARM_START"  # 0: the flow's stages start in interpreters of their own
 EXIT_TRANSIENT = 75  # as bigmodel.cli's: the flow retries it
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Imported before the first fork (what a source or prepare stage needs), then one by one while
@@ -152,16 +153,22 @@ forked = False  # True in a stage forked from the server (tracked on its MLflow 
 
 
 @contextlib.contextmanager
-def serving(target: str = CLI) -> Iterator[subprocess.Popen]:
+def serving(target: str = CLI) -> Iterator[subprocess.Popen | None]:
     """A warm stage server for the duration of the block, its address in os.environ (so the
     processes started inside inherit it). Stopped, with any stage still running, at the end.
-    Its children run `target` ("module:function", called with the command's arguments)."""
+    Its children run `target` ("module:function", called with the command's arguments).
+    With BIGMODEL_WARM_START=0 there is no server (and the block gets None)."""
+    if os.environ.get(SWITCH_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        yield None
+        return
     folder = Path(tempfile.mkdtemp(prefix="bigmodel-warm-"))
     address = str(folder / "socket")
     # safe path: the server's sys.path is the console command's (a workspace's own bigmodel/
     # folder must not shadow the installed package)
+    # a session of its own: a Ctrl-C reaches each stage once, through its command
     proc = subprocess.Popen([sys.executable, "-m", "bigmodel.warmstart", address, target],
-                            stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONSAFEPATH": "1"})
+                            stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONSAFEPATH": "1"},
+                            start_new_session=True)
     # it binds its socket before importing anything heavy (a fraction of a second); one that
     # does not come up leaves the stages to start as they would without it
     deadline = time.monotonic() + 60
@@ -190,6 +197,7 @@ def serving(target: str = CLI) -> Iterator[subprocess.Popen]:
 
 
 def serve(address: str, target: str = CLI) -> None:
+    _die_with_parent()  # the flow gone (even killed), the server goes, and its stages with it
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(address)  # bound first: a stage that comes early waits in the backlog
     listener.listen(64)
@@ -202,10 +210,11 @@ def serve(address: str, target: str = CLI) -> None:
         _preload(module)
     later = list(LATER)
     children: dict[int, socket.socket] = {}  # pid -> its command's connection
+    orphans: set[int] = set()  # killed because their command went away; not yet reaped
     while not stopping:
+        watched = [c for p, c in children.items() if p not in orphans]
         try:
-            ready, _, _ = select.select([listener, *children.values()], [], [],
-                                        0 if later else 0.2)
+            ready, _, _ = select.select([listener, *watched], [], [], 0 if later else 0.2)
         except InterruptedError:
             continue
         for sock in ready:
@@ -214,18 +223,36 @@ def serve(address: str, target: str = CLI) -> None:
                 pid = _start(conn, listener, children, target, threads)
                 if pid:
                     children[pid] = conn
-            else:  # the command went away (killed): its stage goes with it
-                pid = next(p for p, c in children.items() if c is sock)
-                with contextlib.suppress(OSError):
-                    if not sock.recv(1):
-                        os.kill(pid, signal.SIGKILL)
+                continue
+            pid = next(p for p, c in children.items() if c is sock)
+            try:
+                gone = not sock.recv(1)
+            except OSError:
+                gone = True
+            if gone:  # the command was killed: its stage goes with it
+                orphans.add(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         _reap(children)
+        orphans &= set(children)
         if later and not ready:
             _preload(later.pop(0))
+    _stop(children)
+    listener.close()
+
+
+def _stop(children: dict[int, socket.socket], grace: float = 5.0) -> None:
+    """SIGTERM to the stages still running, SIGKILL to those still there after `grace` s."""
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while children and time.monotonic() < deadline:
+        _reap(children)
+        time.sleep(0.05)
     for pid in children:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    listener.close()
 
 
 def _preload(module: str) -> None:
@@ -354,6 +381,7 @@ def _exit(code: int) -> None:
 
 
 def _die_with_parent() -> None:
+    """SIGKILL when the parent process dies (Linux); gone already: exit now."""
     if sys.platform.startswith("linux"):
         import ctypes
 

@@ -12,13 +12,15 @@ import torch.nn as nn
 from bigmodel.models import registry
 from bigmodel.models.layers import ClassificationHead
 
-POOLINGS = ("cls", "mean", "last")
+POOLINGS = ("cls", "pooler", "mean", "last")
 
 
 class SequenceClassifier(nn.Module):
-    """Pooling: the first token's state ("cls": BERT's [CLS]), the mean over real tokens
-    ("mean"), or the last real token's ("last": with causal attention, the one that has read
-    the whole text)."""
+    """Pooling: the first token's state ("cls": BERT's [CLS]); that state through BERT's
+    pooler, dense + tanh ("pooler": the layout of Hugging Face's BertForSequenceClassification,
+    so it exports to it; the pretrained pooler when the backbone has one, next-sentence
+    pretraining's); the mean over real tokens ("mean"); or the last real token's ("last": with
+    causal attention, the one that has read the whole text)."""
 
     def __init__(self, backbone: nn.Module, n_classes: int, dropout: float = 0.0,
                  pooling: str = "mean"):
@@ -26,12 +28,22 @@ class SequenceClassifier(nn.Module):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
         self.backbone, self.pooling = backbone, pooling
+        if pooling == "pooler":
+            C = backbone.cfg.n_embd
+            self.pooler = nn.Linear(C, C)
+            if isinstance(getattr(backbone, "pooler", None), nn.Linear):
+                self.pooler.load_state_dict(backbone.pooler.state_dict())
+            else:  # as BERT's own init: N(0, 0.02), zero bias
+                nn.init.normal_(self.pooler.weight, std=0.02)
+                nn.init.zeros_(self.pooler.bias)
         self.head = ClassificationHead(backbone.cfg.n_embd, n_classes, dropout)
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         h = self.backbone.hidden(idx, lengths)  # (B, T, C)
         if self.pooling == "cls":
             pooled = h[:, 0]  # (B, C)
+        elif self.pooling == "pooler":
+            pooled = torch.tanh(self.pooler(h[:, 0]))  # (B, C)
         elif self.pooling == "last":
             pooled = h[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # (B, C)
         else:

@@ -169,9 +169,9 @@ def example_texts(val: pd.DataFrame) -> list[str]:
 def resolve_pooling(pooling: str, family: str, name: str) -> str:
     if pooling == "auto":
         return "cls" if family == "bert" else "mean"
-    if pooling == "cls" and family != "bert":
-        raise BigModelError(f"finetune.{name}.pooling = 'cls': a {family} model has no [CLS] "
-                            f"token (use mean or last)")
+    if pooling in ("cls", "pooler") and family != "bert":
+        raise BigModelError(f"finetune.{name}.pooling = {pooling!r}: a {family} model has no "
+                            f"[CLS] token (use mean or last)")
     return pooling
 
 

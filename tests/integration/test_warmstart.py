@@ -97,12 +97,21 @@ def test_a_killed_command_takes_its_stage_with_it(server):  # noqa: ANN001
     assert wait_for(lambda: not children_of(server.pid))
 
 
-def test_a_server_stopped_under_a_running_stage_makes_it_a_transient_failure(server):  # noqa: ANN001
+def test_a_server_stopped_under_a_running_stage_stops_it_with_sigterm(server):  # noqa: ANN001
+    proc = started(server)
+    [child] = children_of(server.pid)
+    server.terminate()  # what the flow does at its end
+    assert proc.wait(timeout=30) == -signal.SIGTERM
+    assert server.wait(timeout=30) == 0
+    assert wait_for(lambda: not Path(f"/proc/{child}").exists())
+
+
+def test_a_server_killed_under_a_running_stage_makes_it_a_transient_failure(server):  # noqa: ANN001
     proc = subprocess.Popen([COMMAND, "wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     assert proc.stdout.readline() == "waiting\n"
     [child] = children_of(server.pid)
-    server.terminate()
+    server.kill()  # its stages die with it
     assert proc.wait(timeout=30) == 75
     assert "warm stage server went away" in proc.stderr.read()
     assert wait_for(lambda: not Path(f"/proc/{child}").exists())
@@ -117,3 +126,10 @@ def test_without_a_server_the_command_runs_by_itself(tmp_path):  # noqa: ANN001
                               timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1
+
+
+def test_the_switch_turns_the_server_off(monkeypatch):  # noqa: ANN001
+    monkeypatch.setenv(warmstart.SWITCH_ENV, "0")
+    monkeypatch.delenv(warmstart.WARM_ENV, raising=False)
+    with warmstart.serving(TARGET) as proc:
+        assert proc is None and warmstart.WARM_ENV not in os.environ

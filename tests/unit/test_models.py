@@ -88,7 +88,7 @@ def test_loss_of_an_untrained_model_is_near_uniform():
 BERT_CFG = BERTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean", "last"])
+@pytest.mark.parametrize("pooling", ["cls", "pooler", "mean", "last"])
 def test_bert_classifier_and_tagger_logits_do_not_depend_on_padding(pooling):
     torch.manual_seed(0)
     ids = torch.tensor([[2, 6, 7, 8, 3, 0, 0], [2, 6, 7, 8, 9, 10, 3]])
@@ -101,6 +101,21 @@ def test_bert_classifier_and_tagger_logits_do_not_depend_on_padding(pooling):
         a, b = tagger(ids, lengths), tagger(wide, lengths)
     assert a.shape == (2, 7, 5)
     assert torch.allclose(a[0, :5], b[0, :5], atol=1e-5) and torch.allclose(a[1], b[1, :7], atol=1e-5)
+
+
+def test_pooler_pooling_is_berts_pooler_over_cls_starting_from_a_pretrained_one():
+    torch.manual_seed(0)
+    with_nsp = BERT(BERTConfig(**{**BERT_CFG.__dict__, "nsp": True}))
+    clf = SequenceClassifier(with_nsp, n_classes=3, pooling="pooler").eval()
+    assert torch.equal(clf.pooler.weight, with_nsp.pooler.weight)
+    assert clf.pooler.weight is not with_nsp.pooler.weight  # a copy: finetuning moves its own
+    ids, lengths = torch.tensor([[2, 6, 7, 3]]), torch.tensor([4])
+    with torch.no_grad():
+        h = with_nsp.hidden(ids, lengths)[:, 0]
+        want = clf.head(torch.tanh(with_nsp.pooler(h)))
+        assert torch.allclose(clf(ids, lengths), want, atol=1e-6)
+    fresh = SequenceClassifier(BERT(BERT_CFG), n_classes=3, pooling="pooler")
+    assert torch.count_nonzero(fresh.pooler.bias) == 0 and 0.01 < fresh.pooler.weight.std() < 0.03
 
 
 @pytest.mark.parametrize("family, task", [("gpt", "seq_cls"), ("bert", "seq_cls"),
