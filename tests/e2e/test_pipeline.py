@@ -2,6 +2,7 @@
 
 import json
 import re
+import subprocess
 
 import pandas as pd
 import pytest
@@ -10,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from bigmodel.tracking import flatten
 from flows.pipeline import pipeline, stage_names
-from tests.conftest import dvc, make_project
+from tests.conftest import dvc, make_project, stage_env
 
 GPT_CHAIN = ["tokenize@gpt", "pretrain@gpt", "evaluate-pretrain@gpt", "finetune@gpt-cls",
              "evaluate@gpt-cls", "explain@gpt-cls"]
@@ -166,6 +167,21 @@ def test_tiny_pipeline_runs_every_family_end_to_end_then_reruns_only_what_change
     assert explained["additivity_max_error"] < 1e-3
     for run in ("gpt", "bert"):
         assert (project / f"reports/explain/{run}/attention_1.png").stat().st_size > 1000
+
+    # the trained models leave: each export is loaded back and matched to our logits by the
+    # command itself (tests/integration/test_export.py checks that check)
+    for run, fmt, what in (("gpt", "hf", "GPT2LMHeadModel"), ("bert", "hf", "BertForMaskedLM"),
+                           ("bert-cls", "hf", "BertForSequenceClassification"),
+                           ("bert-tag", "hf", "BertForTokenClassification"),
+                           ("gpt-cls", "onnx", "model.onnx"), ("resnet-cls", "onnx", "model.onnx")):
+        out = subprocess.run(["bigmodel", "export", run, "--format", fmt, "--out",
+                              str(tmp_path / f"export-{run}")], cwd=project, env=stage_env(),
+                             capture_output=True, text=True)
+        assert out.returncode == 0 and f"{what} (" in out.stdout, out.stderr
+    refused = subprocess.run(["bigmodel", "export", "resnet-cls", "--format", "hf", "--out",
+                              str(tmp_path / "no")], cwd=project, env=stage_env(),
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "the 'small' stem" in refused.stderr
 
     # nothing changed: a second flow run refreshes the source snapshot and skips every stage;
     # `dvc repro` has nothing to do; the champions stay
