@@ -74,9 +74,9 @@ def _send(sock: socket.socket, message: dict, fds: list[int] | None = None) -> N
         sock.sendall(frame)
 
 
-def _recv(sock: socket.socket, first: bytes = b"") -> dict | None:
+def _recv(sock: socket.socket) -> dict | None:
     """One framed message; None when the other side closed first."""
-    buf = first
+    buf = b""
     while len(buf) < 4:
         chunk = sock.recv(4 - len(buf))
         if not chunk:
@@ -112,15 +112,10 @@ def run_warm(address: str, argv: list[str]) -> int | None:
     pid = int(started["pid"])
     for sig in FORWARDED:
         signal.signal(sig, lambda s, _f: _forward(pid, s))
-    while True:
-        try:
-            ended = _recv(sock)
-            break
-        except InterruptedError:
-            continue
-        except OSError:
-            ended = None
-            break
+    try:  # a forwarded signal's handler runs in between; the wait goes on (PEP 475)
+        ended = _recv(sock)
+    except OSError:
+        ended = None
     if ended is None:
         print("error (transient): the warm stage server went away while the stage ran; the "
               "stage can be retried", file=sys.stderr)
@@ -283,6 +278,7 @@ def _reap(children: dict[int, socket.socket]) -> None:
 def _start(conn: socket.socket, listener: socket.socket, children: dict[int, socket.socket],
            target: str, threads: str | None) -> int | None:
     global forked
+    fds: list[int] = []
     try:
         frame, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
         size = struct.unpack("!I", frame[:4])[0]
@@ -295,7 +291,9 @@ def _start(conn: socket.socket, listener: socket.socket, children: dict[int, soc
         request = json.loads(data)
         if len(fds) != len(request["std"]):
             raise OSError("descriptors missing")
-    except (OSError, ValueError, struct.error):
+    except (OSError, ValueError, KeyError, TypeError, struct.error):  # not a command's request
+        for fd in fds:
+            os.close(fd)
         conn.close()
         return None
     sys.stdout.flush()

@@ -133,3 +133,17 @@ def test_the_switch_turns_the_server_off(monkeypatch):  # noqa: ANN001
     monkeypatch.delenv(warmstart.WARM_ENV, raising=False)
     with warmstart.serving(TARGET) as proc:
         assert proc is None and warmstart.WARM_ENV not in os.environ
+
+
+def test_a_request_that_is_not_a_commands_is_dropped_and_the_server_serves_on(server):  # noqa: ANN001
+    import socket
+
+    for junk in (b"\x00\x00\x00\x05{}}}}", b"\x00\x00\x00\x02{}", b"xy"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(os.environ[warmstart.WARM_ENV])
+            sock.sendall(junk)
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(100) == b""  # closed, nothing started
+    assert server.poll() is None
+    proc = subprocess.run([COMMAND, "show"], capture_output=True, text=True, input="")
+    assert json.loads(proc.stdout)["ppid"] == server.pid
