@@ -10,12 +10,12 @@ import time
 from typing import Any
 
 from bigmodel import workspace
-from bigmodel.errors import BigModelError, DiskFull, TransientError, unreachable
+from bigmodel.errors import (EXIT_TRANSIENT, BigModelError, DiskFull, TransientError,
+                             unreachable)
 from bigmodel.io import refused_write
 from bigmodel.stages import KINDS
 
 EXIT_USER_ERROR = 2
-EXIT_TRANSIENT = 75  # EX_TEMPFAIL: the flow retries only these
 EXIT_DISK = 74  # EX_IOERR: the filesystem refused a write
 
 

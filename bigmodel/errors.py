@@ -1,5 +1,9 @@
 """The one error type for mistakes a user can fix (bad params, missing inputs)."""
 
+# EX_TEMPFAIL: a failure worth another try (a tracking server that did not answer); the flow
+# retries only these
+EXIT_TRANSIENT = 75
+
 
 class BigModelError(Exception):
     """A user-facing error: the CLI prints its message as one line and exits with code 2."""

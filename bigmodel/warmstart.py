@@ -36,9 +36,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from bigmodel.errors import EXIT_TRANSIENT
+
 WARM_ENV = "BIGMODEL_WARM"
 SWITCH_ENV = "BIGMODEL_WARM_START"  # 0: the flow's stages start in interpreters of their own
-EXIT_TRANSIENT = 75  # as bigmodel.cli's: the flow retries it
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Imported before the first fork (what a source or prepare stage needs), then one by one while
 # no stage is waiting. shap reads NUMBA_DISABLE_JIT once, at its import: set as the explain
