@@ -225,6 +225,9 @@ def mlm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy over the chosen positions, plus the NSP cross-entropy when the batch has
     next-sentence labels (the sum, as in BERT)."""
     logits, targets, nsp = _predict(model, batch)
+    if targets.numel() == 0:  # the mean over no positions is NaN, which would read as divergence
+        raise BigModelError("MLM batch has no chosen positions (every label is ignored): "
+                            "each row needs at least one masked token")
     loss = F.cross_entropy(logits.float(), targets)
     if nsp is not None:
         loss = loss + F.cross_entropy(nsp.float(), batch["nsp_labels"])

@@ -270,6 +270,14 @@ def test_mlm_loss_is_cross_entropy_over_chosen_positions_plus_nsp(nsp):
         assert torch.allclose(mlm_loss(Wrapped(bert), batch), expected, atol=1e-5)
 
 
+def test_a_batch_with_no_chosen_position_is_refused_not_read_as_divergence():
+    bert = tiny_bert(SP.vocab_size)
+    batch = sampler(False, batch_size=2)()
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE)
+    with pytest.raises(BigModelError, match="no chosen positions"):
+        mlm_loss(bert, batch)
+
+
 def test_unigram_baseline_predicts_the_most_frequent_normal_token_add_one_smoothed():
     data = np.array([CLS, 5, 5, 5, 5, 5, 5, SEP, 6, 6, SEP, SEP, SEP], dtype=np.uint16)
     batch = {"labels": torch.tensor([[IGNORE, 5, IGNORE, 6]])}
