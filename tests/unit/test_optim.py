@@ -46,6 +46,31 @@ def test_eager_adamw_takes_torchs_fused_adamw_steps_bitwise_and_shares_its_state
     assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
 
 
+def test_eager_adamw_follows_which_parameters_have_gradients_and_their_state_step_by_step():
+    # a parameter without a gradient is skipped (no step, no decay), and state replaced from
+    # outside is the state stepped, as in torch's
+    ours, groups = model_and_groups()
+    opt = EagerAdamW(groups, lr=1e-2, betas=(0.9, 0.95), fused=True)
+    theirs, their_groups = model_and_groups()
+    ref = torch.optim.AdamW(their_groups, lr=1e-2, betas=(0.9, 0.95), fused=True)
+    for i, without in enumerate([None, 0, None, 4, 4, None, None]):
+        for net, o in ((ours, opt), (theirs, ref)):
+            net(torch.randn(4, 8, generator=torch.Generator().manual_seed(i))).pow(2).sum().backward()
+            if without is not None:  # a parameter that took no part in this step
+                list(net.parameters())[without].grad = None
+            if i == 5:  # state replaced from outside, as a restore might
+                first = list(net.parameters())[2]
+                o.state[first]["exp_avg"] = o.state[first]["exp_avg"].clone()
+            o.step()
+            o.zero_grad(set_to_none=True)
+        assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters())), i
+    steps = [float(opt.state[p]["step"]) for p in ours.parameters()]
+    assert steps == [6.0, 7.0, 7.0, 7.0, 5.0, 7.0]
+    mine, their_state = opt.state_dict()["state"], ref.state_dict()["state"]
+    assert all(torch.equal(mine[i][k], their_state[i][k]) for i in their_state
+               for k in ("step", "exp_avg", "exp_avg_sq"))  # what a checkpoint saves
+
+
 def test_eager_adamw_refuses_what_it_does_not_do():
     net, groups = model_and_groups()
     with pytest.raises(ValueError, match="fused=True"):

@@ -281,6 +281,39 @@ def test_bf16_master_checkpoints_fp32_weights(tmp_path, monkeypatch):
     assert torch.equal(saved["wte.weight"], trainer.model.wte.weight.detach())
 
 
+def test_bf16_master_gradients_arrive_in_fp32_clipped_as_clip_grad_norm_clips_them(monkeypatch):
+    trainer, sampler = bf16_fresh(monkeypatch, 3)
+    assert trainer.cfg.grad_clip == 1.0
+    lm_loss(trainer.compute, sampler()).mul(100).backward()  # a norm well above the clip
+    stand_ins = []  # torch's clip_grad_norm_, on copies of the same fp32 gradients
+    for _, low in trainer.pairs:
+        stand_ins.append(torch.nn.Parameter(torch.empty_like(low, dtype=torch.float32)))
+        stand_ins[-1].grad = low.grad.float()
+    assert torch.nn.utils.clip_grad_norm_(stand_ins, 1.0) > 10
+    expected = [p.grad for p in stand_ins]
+    assert trainer._grads_to_master() is True
+    for (master, low), want in zip(trainer.pairs, expected, strict=True):
+        assert low.grad is None and master.grad.dtype == torch.float32
+        assert torch.allclose(master.grad, want, rtol=1e-5, atol=1e-9)
+    got = torch.cat([m.grad.flatten() for m, _ in trainer.pairs]).norm()
+    assert got.item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_bf16_master_leaves_a_parameter_without_a_gradient_untouched(monkeypatch):
+    monkeypatch.setattr(trainer_lib, "cpu_has_bf16", lambda: True)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    before = [p.detach().clone() for p in net.parameters()]
+    trainer = Trainer(net, BF16, 3)
+    x = torch.randn(16, 4)
+    trainer.fit(lambda: x, lambda model, batch: model[0](batch.bfloat16()).float().pow(2).mean(),
+                evaluate=dict, eval_interval=1000, log=lambda m, s: None, log_interval=1,
+                tokens_per_step=16, progress=False)
+    moved = [not torch.equal(p, b) for p, b in zip(net.parameters(), before)]
+    assert moved == [True, True, False, False]  # no gradient: no step, no weight decay either
+    assert all(not trainer.optimizer.state[p] for p in list(net.parameters())[2:])
+
+
 def test_bf16_master_carries_batch_norm_statistics_back_to_the_master(monkeypatch):
     monkeypatch.setattr(trainer_lib, "cpu_has_bf16", lambda: True)
     torch.manual_seed(0)
