@@ -39,6 +39,25 @@ def test_the_nanogpt_benchmark_refuses_a_bad_setting_before_running_anything(tmp
     assert done.returncode == 2 and "missing.txt: not found" in done.stderr
 
 
+def test_the_bf16_step_breakdown_runs_or_says_why_not():
+    from bigmodel.train.trainer import cpu_has_bf16
+
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks/bf16_step.py"), "--steps", "10"],
+                          capture_output=True, text=True, timeout=300, check=False,
+                          cwd=REPO / "benchmarks")
+    if not cpu_has_bf16():  # the Trainer would run fp32: the script refuses to measure that
+        assert done.returncode == 1 and "no bf16 units" in done.stderr
+        return
+    assert done.returncode == 0, done.stderr
+    [phases] = [ln for ln in done.stdout.splitlines() if re.match(r"\| [\d.]+ \| [\d.]+ \|", ln)]
+    assert len(phases.split(" | ")) == 8
+    assert "| flat buffer (Trainer) |" in done.stdout and "| bf16 flash |" in done.stdout
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks/bf16_step.py"), "--steps", "3"],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          cwd=REPO / "benchmarks")
+    assert done.returncode == 2 and "at least 10" in done.stderr
+
+
 def test_the_gpu_check_runs_end_to_end_on_tiny_shapes():
     # the GPU path itself needs a GPU; this keeps the script that measures it working
     done = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu_check.py"), "--smoke",
