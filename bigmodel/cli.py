@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from bigmodel import workspace
-from bigmodel.errors import (EXIT_TRANSIENT, BigModelError, DiskFull, TransientError,
+from bigmodel.errors import (EXIT_TRANSIENT, BigModelError, DiskFull, Terminated, TransientError,
                              unreachable)
 from bigmodel.io import refused_write
 from bigmodel.stages import KINDS
@@ -76,8 +80,36 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+STOPS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def terminable() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise `Terminated` where the command is (Python's default would end
+    the process on the spot, leaving its MLflow run RUNNING for ever); the handlers before are
+    restored after. Only the main thread can take signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise Terminated(signum)
+
+    before = {sig: signal.signal(sig, stop) for sig in STOPS}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with terminable():
+        return _command(args)
+
+
+def _command(args: argparse.Namespace) -> int:
     try:
         from bigmodel import config
 
@@ -138,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated as t:
+        print(f"stopped by {signal.Signals(t.signum).name}", file=sys.stderr)
+        return 128 + t.signum
     except Exception as e:
         if not unreachable(e):
             raise  # a bug: its traceback is the report

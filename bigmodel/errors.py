@@ -5,6 +5,15 @@
 EXIT_TRANSIENT = 75
 
 
+class Terminated(BaseException):  # noqa: N818 - a stop, as KeyboardInterrupt is, not an error
+    """SIGTERM or SIGHUP reached a command: raised where it was, so that what it holds unwinds
+    (its MLflow run ends KILLED, its lock and temporary files go); exit code 128 + the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 class BigModelError(Exception):
     """A user-facing error: the CLI prints its message as one line and exits with code 2."""
 

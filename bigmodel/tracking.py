@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from bigmodel.config import Params
-from bigmodel.errors import TransientError, unreachable
+from bigmodel.errors import Terminated, TransientError, unreachable
 
 PARENT_ENV = "BIGMODEL_PARENT_RUN_ID"
 FLOW_RUN_ENV = "BIGMODEL_FLOW_RUN_ID"
@@ -222,7 +222,11 @@ def stage_run(stage: str, params: Params, keys: list[str]) -> Iterator[StageRun]
     ) as run:
         mlflow.log_params(flatten({k: params.value(k) for k in keys}))
         handle = StageRun(run.info.run_id)
-        yield handle
+        try:
+            yield handle
+        except (KeyboardInterrupt, Terminated):  # stopped, not failed
+            mlflow.end_run("KILLED")
+            raise
         handle.deliver(final=True)
 
 

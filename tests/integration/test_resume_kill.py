@@ -314,6 +314,30 @@ def test_sigkill_anywhere_then_resume_reaches_the_uninterrupted_weights_bitwise(
 
 
 @pytest.mark.slow
+def test_sigterm_stops_a_stage_with_its_mlflow_run_killed_and_nothing_left_held(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    root = tiny_project(tmp_path / "stopped")
+    proc = subprocess.Popen(pretrain_cmd(root, patch=HANG.format(draw=hang_draw(12))), cwd=root,
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with reaped(root, proc):
+        [pid] = wait_until_hung(root, proc)  # at step 12: its checkpoint of step 10 is kept
+        os.kill(pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "stopped by SIGTERM"
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("bigmodel").experiment_id])
+    assert run.info.status == "KILLED" and run.info.end_time  # not RUNNING for ever
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [4, 8]
+    # the stage's lock went with it: the next start takes the project and resumes
+    resumed = pretrain(root, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert started_from(resumed.stdout) == 10
+    runs = client.search_runs([client.get_experiment_by_name("bigmodel").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+
+
 def test_a_diverging_run_exits_2_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
     # Logging only at the end: the checkpoint due at step 15 is what meets the NaN from step 13.
     root = tiny_project(tmp_path / "nan", log_interval=100)
