@@ -57,9 +57,16 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` (beam search: each surviving hypothesis takes its parent's keys)."""
-        if self.k is not None:
+        """Keep rows `index` (beam search: each surviving hypothesis takes its parent's keys).
+        Only the filled positions move: the buffer is as long as the longest output."""
+        if self.k is None:
+            return
+        if index.numel() != self.k.size(0):  # fewer or more rows: a new buffer
             self.k, self.v = self.k[index], self.v[index]
+            return
+        end = self.length
+        self.k[:, :, :end] = self.k[:, :, :end].index_select(0, index)
+        self.v[:, :, :end] = self.v[:, :, :end].index_select(0, index)
 
 
 class SelfAttention(nn.Module):

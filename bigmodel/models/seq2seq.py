@@ -61,12 +61,17 @@ class State:
     caches: list[KVCache]
     pointer: tuple[torch.Tensor, torch.Tensor] | None = None  # copy keys (B, S, C), source ids
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` of everything (a beam's hypotheses follow their parents)."""
-        self.kv = [(k[index], v[index]) for k, v in self.kv]
-        self.memory_mask = self.memory_mask[index]
-        if self.pointer is not None:
-            self.pointer = (self.pointer[0][index], self.pointer[1][index])
+    def reorder(self, index: torch.Tensor, same_sources: bool = False) -> None:
+        """Keep rows `index` of everything (a beam's hypotheses follow their parents).
+        `same_sources`: every row moves to a row of the same source (a beam search's parents
+        are its own source's hypotheses), so the source side (cross-attention keys and
+        values, mask, copy keys), equal over those rows, stays as it is; only the
+        self-attention caches move."""
+        if not same_sources:
+            self.kv = [(k[index], v[index]) for k, v in self.kv]
+            self.memory_mask = self.memory_mask[index]
+            if self.pointer is not None:
+                self.pointer = (self.pointer[0][index], self.pointer[1][index])
         for cache in self.caches:
             cache.reorder(index)
 

@@ -165,7 +165,7 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lengths: torch.Tensor, be
             if not any(open_):
                 break
             index = (torch.arange(B, device=dev)[:, None] * K + new_parent).view(-1)
-            state.reorder(index)
+            state.reorder(index, same_sources=True)
             coverage = coverage[index]
             hyps = torch.cat([hyps[index], new_token.view(-1, 1)], dim=1)
             scores = torch.where(torch.tensor(open_, device=dev)[:, None], new_scores,

@@ -246,6 +246,37 @@ def test_coverage_penalty_is_zero_for_full_coverage_and_ignores_padding():
     assert task.coverage_penalty(cov, mask, 0.0).tolist() == [0.0, 0.0]
 
 
+def test_the_kv_cache_moves_only_its_filled_positions_and_goes_on_from_them():
+    from bigmodel.models.layers import KVCache
+
+    cache = KVCache(8)
+    k, v = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
+    cache.append(k, v)
+    index = torch.tensor([2, 2, 0])
+    cache.reorder(index)
+    k2, v2 = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)
+    got_k, got_v = cache.append(k2, v2)
+    assert torch.equal(got_k, torch.cat([k[index], k2], dim=2))
+    assert torch.equal(got_v, torch.cat([v[index], v2], dim=2))
+    cache.reorder(torch.tensor([1]))  # another number of rows: a buffer of that many
+    assert cache.append(k2[:1], v2[:1])[0].shape == (1, 2, 7, 4)
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_beam_search_moving_only_the_caches_decodes_as_moving_everything(copy, monkeypatch):
+    # a beam's parents are its own source's hypotheses, so the source side stays put
+    m = model(seed=6, copy=copy)
+    src, lengths = torch.randint(3, 40, (4, 7)), torch.tensor([7, 5, 3, 6])
+    limit = torch.tensor([9, 9, 6, 9])
+    fast = task.beam_search(m, src, lengths, 3, 0.6, limit, beta=0.2)
+    from bigmodel.models import seq2seq as seq2seq_model
+
+    everything = seq2seq_model.State.reorder
+    monkeypatch.setattr(seq2seq_model.State, "reorder",
+                        lambda self, index, same_sources=False: everything(self, index))
+    assert task.beam_search(m, src, lengths, 3, 0.6, limit, beta=0.2) == fast
+
+
 def test_beam_search_with_coverage_restores_the_cross_attention_mode_and_keeps_lengths():
     m = model(seed=5)
     src, lengths = torch.randint(3, 40, (3, 6)), torch.tensor([6, 4, 2])
