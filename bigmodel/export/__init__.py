@@ -120,7 +120,10 @@ def hf_logits(hf: nn.Module, info: dict[str, Any], inputs: dict[str, torch.Tenso
             a = info["arch"]
             mean = torch.tensor(a["mean"]).view(1, -1, 1, 1)
             std = torch.tensor(a["std"]).view(1, -1, 1, 1)
-            return hf(pixel_values=(inputs["pixels"] - mean) / std).logits.float().numpy()
+            x = (inputs["pixels"] - mean) / std
+            # a gray model went out taking RGB: a gray image is the same value in all three
+            x = x.expand(-1, hf.config.num_channels, -1, -1)
+            return hf(pixel_values=x).logits.float().numpy()
         ids, lengths = inputs["input_ids"], inputs["lengths"]
         mask = (torch.arange(ids.size(1))[None, :] < lengths[:, None]).long()
         return hf(input_ids=ids, attention_mask=mask).logits.float().numpy()

@@ -19,7 +19,8 @@ The layouts, and what the mapping has to mind:
   the same basic and bottleneck blocks (the bottleneck strides on its 3x3, Hugging Face's
   `downsample_in_bottleneck: false`), projection shortcuts where the shape changes. Our model
   normalises pixels itself; the exported image processor does it there (rescale 1/255, then the
-  train split's mean and std).
+  train split's mean and std). A gray model goes out taking RGB, Pillow's luma weights folded
+  into its first convolution, since transformers' image pipelines always hand it RGB.
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ def bert_mlm_head(bert: nn.Module) -> dict[str, torch.Tensor]:
 
 # --- ResNet ---
 
+LUMA = torch.tensor([0.299, 0.587, 0.114])  # Pillow's RGB → "L" weights (ITU-R 601-2)
+
 def _conv_bn(sd: dict, prefix: str, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     sd[f"{prefix}convolution.weight"] = _w(conv.weight)
     for key, value in bn.state_dict().items():
@@ -153,13 +156,22 @@ def resnet(model: nn.Module, info: dict[str, Any]) -> tuple[Any, dict[str, Any]]
                             f"stem: imagenet to export it, or use --format onnx")
     expansion = 4 if cfg.block == "bottleneck" else 1
     labels = _labels(info) or {"num_labels": cfg.n_classes}
+    # transformers' image pipelines hand the processor RGB whatever the file holds, and its
+    # processors have no conversion to gray; our server converts to gray (Pillow's "L", ITU-R
+    # 601-2 luma). So a gray model goes out taking RGB, the luma weights folded into its first
+    # convolution: on a gray image (R = G = B) exactly our model; on a colour one, ours on its
+    # luma before the rounding to 8 bits.
+    gray = cfg.in_channels == 1
     hf_cfg = ResNetConfig(
-        num_channels=cfg.in_channels, embedding_size=cfg.width,
+        num_channels=3 if gray else cfg.in_channels, embedding_size=cfg.width,
         hidden_sizes=[cfg.width * 2**i * expansion for i in range(len(cfg.layers))],
         depths=list(cfg.layers), layer_type=cfg.block, hidden_act="relu",
         downsample_in_first_stage=False, downsample_in_bottleneck=False, **labels)
     sd: dict[str, torch.Tensor] = {}
     _conv_bn(sd, "resnet.embedder.embedder.", model.stem[0], model.stem[1])
+    if gray:
+        w = sd["resnet.embedder.embedder.convolution.weight"]  # (out, 1, k, k)
+        sd["resnet.embedder.embedder.convolution.weight"] = w * LUMA.view(1, 3, 1, 1)
     for i, stage in enumerate(model.stages):
         for j, block in enumerate(stage):
             p = f"resnet.encoder.stages.{i}.layers.{j}."
@@ -176,7 +188,8 @@ def resnet(model: nn.Module, info: dict[str, Any]) -> tuple[Any, dict[str, Any]]
         "image_processor_type": "ViTImageProcessor", "do_resize": True,
         "size": {"height": cfg.image_size, "width": cfg.image_size}, "resample": 2,
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(cfg.mean), "image_std": list(cfg.std),
+        "image_mean": list(cfg.mean) * (3 if gray else 1),
+        "image_std": list(cfg.std) * (3 if gray else 1),
     }
     return hf, processor
 

@@ -172,13 +172,33 @@ def test_bert_classifier_and_tagger_go_out_with_their_labels_and_classify_as_our
 def test_an_imagenet_stem_resnet_goes_out_as_resnet_for_image_classification(project, tmp_path):  # noqa: ANN001
     out = exported(project, "resnet-cls", "hf", tmp_path)
     hf = transformers.ResNetForImageClassification.from_pretrained(out, local_files_only=True)
+    # a gray model goes out taking the RGB transformers' image pipelines always hand it
     processor = json.loads((out / "preprocessor_config.json").read_text())
-    assert processor["image_mean"] == [0.3] and processor["image_std"] == [0.2]
+    assert processor["image_mean"] == [0.3] * 3 and processor["image_std"] == [0.2] * 3
+    assert hf.config.num_channels == 3
     model, _, _ = ours(project, "resnet-cls")
     x = torch.rand(2, 1, 40, 40, generator=torch.Generator().manual_seed(3))  # another side
     with torch.no_grad():
-        got = hf.eval()(pixel_values=(x - 0.3) / 0.2).logits
+        got = hf.eval()(pixel_values=((x - 0.3) / 0.2).expand(-1, 3, -1, -1)).logits
         assert torch.allclose(got, model(x), atol=1e-4)
+        rgb = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(5))
+        luma = (rgb * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        got = hf(pixel_values=(rgb - 0.3) / 0.2).logits  # colour: ours on its luma
+        assert torch.allclose(got, model(luma), atol=1e-4)
+    # the image processor's config does what our server does: from the same image file, the
+    # same label and probability
+    from PIL import Image
+
+    from bigmodel.tasks.image_cls import ImageClassifier, png_base64
+
+    pixels = np.random.default_rng(4).integers(0, 256, (3, 32, 32, 1), dtype=np.uint8)
+    classify = transformers.pipeline("image-classification", model=str(out))
+    served = ImageClassifier.load(project.path("finetune", "resnet-cls")).predict(
+        [png_base64(p) for p in pixels])
+    for img, (_, want) in zip(pixels, served.iterrows()):
+        [best] = classify(Image.fromarray(img[..., 0], mode="L"), top_k=1)
+        assert best["label"] == want["label"]
+        assert best["score"] == pytest.approx(want[f"p_{want['label']}"], abs=1e-4)
 
 
 @pytest.mark.parametrize("name", ["gpt-cls", "bert-cls", "bert-tag", "resnet", "resnet-cls"])
