@@ -139,6 +139,7 @@ def bert_mlm_head(bert: nn.Module) -> dict[str, torch.Tensor]:
 
 LUMA = torch.tensor([0.299, 0.587, 0.114])  # Pillow's RGB → "L" weights (ITU-R 601-2)
 
+
 def _conv_bn(sd: dict, prefix: str, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     sd[f"{prefix}convolution.weight"] = _w(conv.weight)
     for key, value in bn.state_dict().items():
