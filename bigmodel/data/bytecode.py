@@ -52,9 +52,28 @@ def instructions(code: types.CodeType) -> str:
             # a nested function, lambda or comprehension by its name: its repr holds the
             # object's memory address, which differs from run to run
             words.append(f"<code {ins.argval.co_name}>")
+        elif _holds_a_set(ins.argval):
+            # a set constant (`x in {"a", "b"}`): its repr follows string hashing, which differs
+            # from process to process; its members sorted instead
+            words.append(" ".join(_stable_repr(ins.argval).split()))
         elif ins.argrepr and not ins.opname.startswith(("JUMP", "POP_JUMP", "FOR_ITER", "SEND")):
             words.append(" ".join(ins.argrepr.split()))
     return " ".join(words)
+
+
+def _holds_a_set(value: object) -> bool:
+    return isinstance(value, frozenset) or (
+        isinstance(value, tuple) and any(_holds_a_set(v) for v in value))
+
+
+def _stable_repr(value: object) -> str:
+    """repr, with the members of every frozenset sorted by their own stable repr."""
+    if isinstance(value, frozenset):
+        return f"frozenset({{{', '.join(sorted(map(_stable_repr, value)))}}})" if value else "frozenset()"
+    if isinstance(value, tuple):
+        items = [_stable_repr(v) for v in value]
+        return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
+    return repr(value)
 
 
 def function_pair(node: ast.FunctionDef | ast.AsyncFunctionDef, max_source_chars: int,
