@@ -110,16 +110,63 @@ def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int,
     return _end_with_eot(tok)
 
 
+PRIVATE = 0xF0000  # Supplementary Private Use Area-A: stand-ins while WordPiece learns
+PRIVATE_END = 0xFFFFE
+
+
 def train_wordpiece(texts: Iterator[str], vocab_size: int, min_frequency: int) -> Tokenizer:
     """BERT's WordPiece: split on whitespace and punctuation, `##` continuation pieces. No
-    lower-casing or accent stripping: code and identifiers are case-sensitive."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    lower-casing or accent stripping: code and identifiers are case-sensitive.
+
+    The vocabulary is learnt as `tokenizers`' WordPieceTrainer learns it (BPE merges within
+    words, every character also as a `##` piece), but the same in every process. That trainer
+    numbers the `##` pieces in the order of a hash map, which differs from process to process,
+    and through the numbers its tie-breaking picks different merges (huggingface/tokenizers
+    issue 1794): two runs of the default pipeline's tokenizer differed in 2 of 4,096 tokens and
+    in 359 ids. Here each character inside a word is first written as a private-use stand-in,
+    so that every piece is a single character of the BPE trainer's alphabet, which it sorts;
+    the learnt vocabulary is then written back with `##`."""
+    nfc, words_of = normalizers.NFC(), pre_tokenizers.BertPreTokenizer()
+    stand_in: dict[int, str] = {}  # str.translate's table: a character → its stand-in
+
+    def rewritten() -> Iterator[str]:
+        for text in texts:
+            text = nfc.normalize_str(text)
+            new = {c for c in set(text) if ord(c) not in stand_in}
+            if any(PRIVATE <= ord(c) < PRIVATE_END for c in new):
+                raise BigModelError("a text holds a character of U+F0000-U+FFFFD (private use), "
+                                    "which WordPiece training needs for itself; remove it")
+            for c in sorted(new):
+                if PRIVATE + len(stand_in) >= PRIVATE_END:
+                    raise BigModelError("more than 65,534 distinct characters: too many for "
+                                        "WordPiece training")
+                stand_in[ord(c)] = chr(PRIVATE + len(stand_in))
+            # every new character once as a word of its own: in the alphabet as a word start
+            # too, as WordPieceTrainer has every character
+            pieces = sorted(new)
+            for word, _ in words_of.pre_tokenize_str(text):
+                pieces.append(word[0] + word[1:].translate(stand_in))
+            yield " ".join(pieces)
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bpe.train_from_iterator(rewritten(), trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=BERT_SPECIALS,
+        show_progress=False))
+    back = {v: chr(k) for k, v in stand_in.items()}
+    vocab = {}
+    for token, i in bpe.get_vocab().items():
+        if token in BERT_SPECIALS:
+            vocab[token] = i
+        elif token[0] in back:  # a piece inside a word
+            vocab["##" + "".join(back[c] for c in token)] = i
+        else:  # a word's first piece
+            vocab[token[0] + "".join(back[c] for c in token[1:])] = i
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.add_special_tokens(BERT_SPECIALS)
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=BERT_SPECIALS, show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
